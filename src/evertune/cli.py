@@ -1,0 +1,446 @@
+"""The `evertune` command line.
+
+    evertune init demo
+    evertune -w demo data add tickets.jsonl
+    evertune -w demo tune                    # fine-tune → evaluate → register, with progress
+    evertune -w demo models list
+
+Heavy libraries (torch, transformers, mlflow) are imported inside the commands that need
+them, so `--help` and the light commands answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from evertune.errors import EvertuneError
+
+if TYPE_CHECKING:
+    from evertune.workspace import Workspace
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+app = typer.Typer(
+    name="evertune",
+    help="Continuous fine-tuning: datasets → fine-tuning jobs → evaluation gate → model registry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Validate, split and version training data.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Fine-tuning jobs: list, inspect, cancel, resume.", no_args_is_help=True)
+models_app = typer.Typer(help="Registered model versions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(models_app, name="models")
+
+SetOpt = typer.Option([], "--set", help="Override a config value: --set train.n_epochs=2 (repeatable).", metavar="KEY=VALUE")
+
+
+class _State:
+    workspace: Path | None = None
+
+
+_state = _State()
+
+
+@app.callback()
+def _main(
+    workspace: Path = typer.Option(
+        None, "-w", "--workspace", envvar="EVERTUNE_HOME", help="Workspace folder (default: the nearest one above the current folder)."
+    ),
+) -> None:
+    _state.workspace = workspace
+
+
+def _open(sets: list[str] | None = None) -> Workspace:
+    from evertune.workspace import Workspace
+
+    return Workspace.open(_state.workspace, sets or [])
+
+
+def _quiet_libraries() -> None:
+    """Silence library progress bars and info logs; Evertune draws its own progress."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+# -- init --------------------------------------------------------------------------------
+@app.command()
+def init(
+    directory: Path = typer.Argument(Path("."), help="Folder to create the workspace in."),
+    force: bool = typer.Option(False, "--force", help="Rewrite evertune.yaml with the defaults and mint a new admin token."),
+) -> None:
+    """Create a workspace: evertune.yaml with commented defaults, state folder, bucket, admin token."""
+    from evertune.workspace import Workspace
+
+    ws, token = Workspace.init(directory, force=force)
+    if token is None:
+        console.print(f"[yellow]{ws.root} is already a workspace[/]; nothing changed (use --force to reset the config).")
+        return
+    console.print(f"[green]Workspace created[/] at {ws.root}")
+    console.print(f"  config        {ws.root / 'evertune.yaml'}")
+    console.print(f"  bucket        {ws.bucket_url}  (drop data under raw-data/)")
+    console.print(f"  state         {ws.state_dir}")
+    console.print(f"  admin token   stored in {ws.state_dir / 'token'} (mode 0600) for this CLI")
+    console.print(f"\nNext: [bold]evertune -w {directory} data add FILE.jsonl[/]")
+
+
+# -- data --------------------------------------------------------------------------------
+@data_app.command("add")
+def data_add(
+    files: list[Path] = typer.Argument(..., help="JSON Lines (.jsonl) or text (.txt) files.", show_default=False),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Validate, dedup and split FILES into a content-addressed dataset version."""
+    ws = _open(sets)
+    _quiet_libraries()
+    from evertune import steps
+
+    with console.status("Validating…"):
+        result = steps.preprocess(ws, files)
+    _print_add_result(result)
+
+
+def _print_add_result(result: Any) -> None:
+    report = result.report
+    files = Table(title="Files", title_justify="left")
+    for col in ("file", "format", "rows", "accepted", "rejected", "duplicates"):
+        files.add_column(col, justify="left" if col in ("file", "format") else "right")
+    for f in report.get("files", []):
+        files.add_row(
+            str(f.get("file")), str(f.get("format")), _fmt(f.get("rows")), _fmt(f.get("accepted")),
+            _fmt(f.get("rejected")), _fmt(f.get("duplicates")),
+        )
+    console.print(files)
+    for v in result.versions:
+        _print_dataset(v)
+    reasons = report.get("rejected_by_reason") or {}
+    if reasons:
+        t = Table(title="Rejected rows by reason", title_justify="left")
+        t.add_column("reason")
+        t.add_column("rows", justify="right")
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            t.add_row(reason, str(n))
+        console.print(t)
+    if result.rejected:
+        console.print(f"[yellow]{result.rejected} row(s) rejected[/]; each with its line number and reason in {result.rejected_path}")
+
+
+def _print_dataset(v: Any) -> None:
+    t = Table(title=f"Dataset {v.id} ({v.kind})", title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    c = v.counts
+    t.add_row("records", f"{c.get('total', '-')}  (train {c.get('train', 0)} / validation {c.get('validation', 0)} / test {c.get('test', 0)})")
+    stats = v.report.get("token_lengths") or {}
+    if stats:
+        t.add_row("tokens/example", "  ".join(f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats))
+    if v.report.get("duplicates") is not None:
+        t.add_row("duplicates dropped", str(v.report.get("duplicates")))
+    if v.report.get("truncated"):
+        t.add_row("truncated", str(v.report.get("truncated")))
+    t.add_row("created", _when(v.created_at))
+    t.add_row("path", str(v.path))
+    console.print(t)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List dataset versions, newest first."""
+    from evertune.data.store import list_datasets
+
+    ws = _open()
+    t = Table()
+    for col in ("id", "kind", "total", "train", "validation", "test", "created"):
+        t.add_column(col)
+    for v in list_datasets(ws):
+        c = v.counts
+        t.add_row(v.id, v.kind, *(str(c.get(k, 0)) for k in ("total", "train", "validation", "test")), _when(v.created_at))
+    console.print(t if t.row_count else "No datasets yet: [bold]evertune data add FILE.jsonl[/]")
+
+
+@data_app.command("show")
+def data_show(dataset: str = typer.Argument(..., help="Dataset id or a unique prefix.")) -> None:
+    """Show a dataset version's report."""
+    from evertune.data.store import get_dataset
+
+    v = get_dataset(_open(), dataset)
+    _print_dataset(v)
+    reasons = v.report.get("rejected_by_reason") or {}
+    for reason, n in reasons.items():
+        console.print(f"  rejected: {reason}: {n}")
+
+
+# -- tune / jobs ---------------------------------------------------------------------------
+class _TrainProgress:
+    """A Rich progress bar fed by the job's metric rows (step, loss, tokens/s, ETA)."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        )
+        self.task = self.progress.add_task(label, total=None, loss="-", tps="-")
+
+    def __enter__(self) -> _TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        loss, tps = info.get("loss"), info.get("tokens_per_s")
+        self.progress.update(
+            self.task, completed=info.get("step") or 0, total=info.get("total_steps"),
+            loss=f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+            tps=f"{tps:.0f}" if isinstance(tps, (int, float)) else "-",
+        )
+
+
+class _EvalProgress:
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("[bold]evaluating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _EvalProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> None:
+    """Follow a job with a progress bar, then evaluate and register its result."""
+    from evertune import steps
+    from evertune.evaluation import print_report
+    from evertune.training.jobs import cancel_job
+
+    try:
+        with _TrainProgress(f"training {job_id}") as bar:
+            job = steps.follow(ws, job_id, on_progress=bar)
+    except KeyboardInterrupt:
+        cancel_job(ws, job_id)
+        err_console.print(f"[yellow]Interrupted: job {job_id} is being cancelled.[/] Resume it later with `evertune jobs resume {job_id}`.")
+        raise typer.Exit(130) from None
+    console.print(f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained; adapter at {job.result['path']}")
+    with _EvalProgress() as bar:
+        report = steps.evaluate(ws, job, progress=bar)
+    print_report(report, console)
+    version = steps.register(ws, job, report)
+    colour = "green" if version.approval_status == "PendingManualApproval" else "red"
+    console.print(
+        f"Registered [bold]{ws.config.model.name} v{version.version}[/] — approval status "
+        f"[{colour}]{version.approval_status}[/] (gate {version.gate}). Details: `evertune models show {version.version}`"
+    )
+
+
+@app.command()
+def tune(
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset id (default: per data.mode, all accepted data so far)."),
+    parent: str = typer.Option(None, "--parent", help="Continue from this registered version's adapter."),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Fine-tune the base model (LoRA by default), then evaluate and register the result."""
+    ws = _open(sets)
+    _quiet_libraries()
+    from evertune import steps
+    from evertune.training.jobs import create_job, start_job
+
+    data = steps.training_data(ws, dataset)
+    job = create_job(ws, data, parent=parent)
+    console.print(f"Job [bold]{job.id}[/]: {job.method} on dataset {data.id} ({data.counts.get('train', 0)} training examples), base {job.model}")
+    start_job(ws, job.id)
+    _train_and_register(ws, job.id)
+
+
+@app.command("eval")
+def eval_(
+    version: str = typer.Argument(..., help="Registered version number."),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="Evaluate on this dataset's test split (default: the version's own)."),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Evaluate a registered version against PROD (if any) and the base model; print the gate."""
+    ws = _open(sets)
+    _quiet_libraries()
+    from evertune import steps
+    from evertune.evaluation import print_report
+
+    with _EvalProgress() as bar:
+        report = steps.evaluate_version(ws, version, dataset, progress=bar)
+    print_report(report, console)
+
+
+def _jobs_table(jobs: list[Any]) -> Table:
+    t = Table()
+    for col in ("id", "status", "method", "dataset", "parent", "created", "finished", "tokens"):
+        t.add_column(col)
+    colours = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    for j in jobs:
+        c = colours.get(j.status, "white")
+        t.add_row(j.id, f"[{c}]{j.status}[/]", j.method, j.training_file, j.parent or "-", _when(j.created_at), _when(j.finished_at), str(j.trained_tokens or 0))
+    return t
+
+
+@jobs_app.command("list")
+def jobs_list(limit: int = typer.Option(20, "--limit", "-n", min=1)) -> None:
+    """List fine-tuning jobs, newest first."""
+    from evertune.training.jobs import list_jobs
+
+    jobs = list_jobs(_open(), limit=limit)
+    console.print(_jobs_table(jobs) if jobs else "No jobs yet: [bold]evertune tune[/]")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="Print the OpenAI-shaped job object.")) -> None:
+    """Show a job: status, hyperparameters, checkpoints, result, error."""
+    from evertune.training.jobs import get_job, list_checkpoints
+
+    ws = _open()
+    job = get_job(ws, job_id)
+    if as_json:
+        console.print_json(job.model_dump_json())
+        return
+    console.print(_jobs_table([job]))
+    console.print("[bold]hyperparameters[/] " + json.dumps(job.hyperparameters))
+    if job.error:
+        console.print(f"[red]error[/] {job.error.get('code')}: {job.error.get('message')}")
+    if job.result:
+        console.print(f"[bold]result[/] {job.result}")
+    cps = list_checkpoints(ws, job_id)
+    if cps:
+        t = Table(title="checkpoints", title_justify="left")
+        for col in ("step", "metrics", "path"):
+            t.add_column(col)
+        for cp in cps:
+            cp = cp if isinstance(cp, dict) else cp.model_dump()
+            t.add_row(str(cp.get("step")), json.dumps(cp.get("metrics")), str(cp.get("path")))
+        console.print(t)
+
+
+@jobs_app.command("events")
+def jobs_events(job_id: str = typer.Argument(...)) -> None:
+    """Print a job's timestamped events."""
+    from evertune.training.jobs import list_events
+
+    colours = {"info": "white", "warn": "yellow", "error": "red"}
+    for e in list_events(_open(), job_id):
+        e = e if isinstance(e, dict) else e.model_dump()
+        console.print(f"{_when(e['created_at'])} [{colours.get(e['level'], 'white')}]{e['level']:5}[/] {e['message']}", highlight=False)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str = typer.Argument(...)) -> None:
+    """Cancel a queued or running job (honoured within one training step)."""
+    from evertune.training.jobs import cancel_job
+
+    job = cancel_job(_open(), job_id)
+    console.print(f"Job {job.id}: {job.status}")
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> None:
+    """Resume a failed, cancelled or killed job from its last checkpoint, then evaluate and register."""
+    ws = _open(sets)
+    _quiet_libraries()
+    from evertune.training.jobs import resume_job
+
+    job = resume_job(ws, job_id)
+    console.print(f"Job [bold]{job.id}[/] resumed")
+    _train_and_register(ws, job.id, resume=True)
+
+
+# -- models --------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list() -> None:
+    """List registered versions with status, gate and key metrics."""
+    from evertune.registry import Registry
+
+    ws = _open()
+    versions = Registry(ws).list_versions()
+    if not versions:
+        console.print(f"No versions of {ws.config.model.name} yet: [bold]evertune tune[/]")
+        return
+    t = Table(title=ws.config.model.name, title_justify="left")
+    for col in ("version", "stage", "approval", "gate", "dataset", "job", "parent", "created"):
+        t.add_column(col)
+    for v in versions:
+        t.add_row(str(v.version), str(getattr(v.stage, "value", v.stage)), v.approval_status, v.gate or "-", v.dataset or "-", v.job or "-", v.parent_version or "-", _when(v.created_at))
+    console.print(t)
+
+
+@models_app.command("show")
+def models_show(version: str = typer.Argument(..., help="Version number.")) -> None:
+    """Show a version: status, metrics, lineage."""
+    from evertune.registry import Registry
+
+    ws = _open()
+    v = Registry(ws).get_version(version)
+    t = Table(title=f"{ws.config.model.name} v{v.version}", title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for key in ("stage", "approval_status", "gate", "dataset", "job", "base_model", "parent_version", "pipeline_run", "run_id", "source"):
+        val = getattr(v, key, None)
+        t.add_row(key, str(getattr(val, "value", val)) if val is not None else "-")
+    t.add_row("created", _when(v.created_at))
+    console.print(t)
+    if v.metrics:
+        m = Table(title="metrics", title_justify="left")
+        m.add_column("metric")
+        m.add_column("value", justify="right")
+        for k, val in sorted(v.metrics.items()):
+            m.add_row(k, _fmt(val))
+        console.print(m)
+    if v.description:
+        console.print(v.description)
+
+
+def main() -> None:
+    """Entry point: run the app; print Evertune errors as messages, not tracebacks."""
+    try:
+        app()
+    except EvertuneError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

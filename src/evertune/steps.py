@@ -1,0 +1,139 @@
+"""The four steps of one tuning round, as plain functions.
+
+    from evertune import steps
+    added = steps.preprocess(ws, [Path("tickets.jsonl")])
+    job = steps.finetune(ws, steps.training_data(ws))
+    report = steps.evaluate(ws, job)
+    version = steps.register(ws, job, report)
+
+The CLI (`evertune data add`, `evertune tune`) and the durable pipeline call these same
+functions, so a round started by hand and one started by a bucket drop behave identically.
+Each step is safe to call again with the same inputs: datasets are content-addressed, jobs
+are keyed by run id, and registration is keyed by job id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evertune.errors import JobError
+
+if TYPE_CHECKING:
+    from evertune.data.store import AddResult, DatasetVersion
+    from evertune.evaluation import EvalReport, ModelRef
+    from evertune.registry import ModelVersion
+    from evertune.training.jobs import Job
+    from evertune.workspace import Workspace
+
+Progress = Callable[..., Any]
+
+
+def base_tokenizer(ws: Workspace) -> Any:
+    """The base model's tokenizer (converts the packaged default on first use)."""
+    from evertune.models import load_tokenizer, resolve_base_model
+
+    return load_tokenizer(resolve_base_model(ws.config.model.base, ws.models_dir))
+
+
+def preprocess(ws: Workspace, files: list[Path]) -> AddResult:
+    """DataPreprocessing: validate, dedup, split and store the files as dataset version(s)."""
+    from evertune.data.store import add_files
+
+    return add_files(ws, files, tokenizer=base_tokenizer(ws))
+
+
+def training_data(ws: Workspace, ref: str | None = None) -> DatasetVersion:
+    """The dataset a new round trains on: `ref`, or per `data.mode` (cumulative | latest)."""
+    from evertune.data.store import training_dataset
+
+    return training_dataset(ws, kind="sft", ref=ref)
+
+
+def finetune(
+    ws: Workspace,
+    dataset: DatasetVersion,
+    parent: str | None = None,
+    run_id: str | None = None,
+    on_progress: Progress | None = None,
+) -> Job:
+    """FineTuning: start the job (or find the one this run already started) and wait for it."""
+    from evertune.training.jobs import create_job, start_job, wait_job
+
+    job = create_job(ws, dataset, parent=parent, run_id=run_id)
+    if job.status in ("validating_files", "queued"):
+        job = start_job(ws, job.id)
+    return wait_job(ws, job.id, on_progress=on_progress)
+
+
+def follow(ws: Workspace, job_id: str, on_progress: Progress | None = None) -> Job:
+    """Wait for a running job; raise JobError unless it succeeded."""
+    from evertune.training.jobs import wait_job
+
+    job = wait_job(ws, job_id, on_progress=on_progress)
+    if job.status != "succeeded":
+        err = job.error or {}
+        raise JobError(f"job {job.id} {job.status}: {err.get('message', 'see `evertune jobs events ' + job.id + '`')}")
+    return job
+
+
+def reference_model(ws: Workspace, exclude_version: str | None = None) -> ModelRef | None:
+    """The PROD version as an evaluation reference, or None when nothing is in PROD."""
+    from evertune.evaluation import ModelRef
+    from evertune.registry import Registry
+
+    registry = Registry(ws)
+    prod = registry.alias_version("prod")
+    if prod is None or str(prod.version) == str(exclude_version):
+        return None
+    return ModelRef(
+        label=f"prod v{prod.version}",
+        adapter=registry.version_artifact_path(prod.version),
+        version=str(prod.version),
+    )
+
+
+def evaluate(ws: Workspace, job: Job, progress: Progress | None = None) -> EvalReport:
+    """ModelEvaluation: candidate vs PROD (if any) vs base on the job's test split + gate."""
+    from evertune.data.store import get_dataset
+    from evertune.evaluation import ModelRef, evaluate_candidate
+
+    if job.status != "succeeded" or not job.result:
+        raise JobError(f"job {job.id} is {job.status}; only a succeeded job can be evaluated")
+    candidate = ModelRef(label="candidate", adapter=Path(job.result["path"]), version=None)
+    return evaluate_candidate(
+        ws,
+        candidate,
+        get_dataset(ws, job.training_file),
+        reference=reference_model(ws),
+        include_base=ws.config.eval.compare_base,
+        progress=progress,
+    )
+
+
+def evaluate_version(ws: Workspace, version: str, dataset_ref: str | None = None, progress: Progress | None = None) -> EvalReport:
+    """`evertune eval VERSION`: a registered version against PROD (if another) and base."""
+    from evertune.data.store import get_dataset
+    from evertune.evaluation import ModelRef, evaluate_candidate
+    from evertune.registry import Registry
+
+    registry = Registry(ws)
+    mv = registry.get_version(version)
+    candidate = ModelRef(label=f"v{mv.version}", adapter=registry.version_artifact_path(mv.version), version=str(mv.version))
+    return evaluate_candidate(
+        ws,
+        candidate,
+        get_dataset(ws, dataset_ref or mv.dataset),
+        reference=reference_model(ws, exclude_version=str(mv.version)),
+        include_base=ws.config.eval.compare_base,
+        progress=progress,
+    )
+
+
+def register(ws: Workspace, job: Job, report: EvalReport | None) -> ModelVersion:
+    """RegisterModel: one MLflow version per job (pending approval, or rejected by the gate)."""
+    from evertune.registry import Registry
+    from evertune.training.jobs import list_metrics
+
+    return Registry(ws).register_version(job, report, list_metrics(ws, job.id))

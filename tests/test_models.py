@@ -1,0 +1,51 @@
+"""Base models: the packaged default converts once and is reused; bad specs are explained."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from evertune.errors import ModelError
+from evertune.models import load_for_inference, load_model, load_tokenizer, resolve_base_model
+
+
+def test_packaged_default_is_converted_once_and_reused(tmp_path: Path) -> None:
+    path = resolve_base_model("smollm2-135m-instruct", tmp_path)
+    weights = path / "model.safetensors"
+    assert weights.is_file() and (path / "tokenizer.json").is_file()
+    mtime = weights.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert resolve_base_model("smollm2-135m-instruct", tmp_path) == path
+    assert weights.stat().st_mtime_ns == mtime  # not converted again
+    assert time.perf_counter() - t0 < 1.0
+    model = load_model(path)
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    assert getattr(model.config, "quantization_config", None) is None
+    tok = load_tokenizer(path)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_local_folder_is_used_as_is(tiny_model: Path, tmp_path: Path) -> None:
+    assert resolve_base_model(str(tiny_model), tmp_path) == tiny_model.resolve()
+    model = load_for_inference(tiny_model)
+    assert not model.training
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_base_model(str(tmp_path / "empty"), tmp_path)
+
+
+def test_unknown_spec_lists_the_options(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="smollm2-135m-instruct"):
+        resolve_base_model("not-a-model", tmp_path)
+
+
+def test_adapter_folder_must_hold_an_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ModelError, match="adapter_config.json"):
+        load_for_inference(tiny_model, tmp_path / "junk")
