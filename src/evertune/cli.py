@@ -74,6 +74,7 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF converter draws its own tqdm bar
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
@@ -123,7 +124,7 @@ def data_add(
     _quiet_libraries()
     from evertune import steps
 
-    with console.status("Validating…"):
+    with console.status("Validating (the first run also converts the packaged base model, ~30 s)…"):
         result = steps.preprocess(ws, files)
     _print_add_result(result)
 
@@ -131,17 +132,17 @@ def data_add(
 def _print_add_result(result: Any) -> None:
     report = result.report
     files = Table(title="Files", title_justify="left")
-    for col in ("file", "format", "rows", "accepted", "rejected", "duplicates"):
+    for col in ("file", "format", "rows", "accepted", "rejected", "truncated"):
         files.add_column(col, justify="left" if col in ("file", "format") else "right")
     for f in report.get("files", []):
         files.add_row(
             str(f.get("file")), str(f.get("format")), _fmt(f.get("rows")), _fmt(f.get("accepted")),
-            _fmt(f.get("rejected")), _fmt(f.get("duplicates")),
+            _fmt(f.get("rejected")), _fmt(f.get("truncated")),
         )
     console.print(files)
     for v in result.versions:
         _print_dataset(v)
-    reasons = report.get("rejected_by_reason") or {}
+    reasons = report.get("rejects_by_reason") or {}
     if reasons:
         t = Table(title="Rejected rows by reason", title_justify="left")
         t.add_column("reason")
@@ -162,10 +163,11 @@ def _print_dataset(v: Any) -> None:
     stats = v.report.get("token_lengths") or {}
     if stats:
         t.add_row("tokens/example", "  ".join(f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats))
-    if v.report.get("duplicates") is not None:
-        t.add_row("duplicates dropped", str(v.report.get("duplicates")))
-    if v.report.get("truncated"):
-        t.add_row("truncated", str(v.report.get("truncated")))
+    for key in ("duplicates_dropped", "in_golden_set", "truncated"):
+        if v.report.get(key):
+            t.add_row(key.replace("_", " "), str(v.report[key]))
+    if v.report.get("origin") == "union":
+        t.add_row("union of", ", ".join(v.report.get("union_of", [])))
     t.add_row("created", _when(v.created_at))
     t.add_row("path", str(v.path))
     console.print(t)
@@ -193,9 +195,11 @@ def data_show(dataset: str = typer.Argument(..., help="Dataset id or a unique pr
 
     v = get_dataset(_open(), dataset)
     _print_dataset(v)
-    reasons = v.report.get("rejected_by_reason") or {}
-    for reason, n in reasons.items():
-        console.print(f"  rejected: {reason}: {n}")
+    reasons = v.report.get("rejects_by_reason") or {}
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        console.print(f"  rejected ({reason}): {n}")
+    if reasons:
+        console.print(f"  rows and line numbers: {v.path / 'rejected.jsonl'}")
 
 
 # -- tune / jobs ---------------------------------------------------------------------------

@@ -40,7 +40,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +178,7 @@ class Registry:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
         self.name = ws.config.model.name
+        self._audit_ready = False
 
     # -- MLflow plumbing ---------------------------------------------------------------
     @cached_property
@@ -432,14 +434,14 @@ class Registry:
         means = _eval_means(report)
         summary = _summary_metrics(means, metrics_history)
 
-        lineage = {
+        facts: dict[str, str | None] = {
             "job": job_id,
             "dataset": dataset,
             "base_model": str(base_model) if base_model is not None else None,
             "parent_version": str(parent) if parent is not None else None,
             "pipeline_run": str(pipeline_run) if pipeline_run else None,
         }
-        lineage = {k: v for k, v in lineage.items() if v}
+        lineage = {k: v for k, v in facts.items() if v}
         tags = {
             **lineage,
             "stage": stage.value,
@@ -453,7 +455,7 @@ class Registry:
         with _mlflow_errors(f"register job {job_id} as a version of {self.name!r}"):
             self._ensure_registered_model()
             run_id, artifact_uri = self._logged_run(
-                job, lineage, adapter, report, means, metrics_history
+                job, lineage, adapter, report, _eval_metric_items(report, means), metrics_history
             )
             mv = self.client.create_model_version(
                 self.name,
@@ -493,66 +495,85 @@ class Registry:
         - → rejected / retired: a `qa` or `prod` alias pointing at it is removed.
         Alias `qa` keeps pointing at a version promoted to prod (QA serves what it tested).
         `force=True` with `role="admin"` approves a rejected version (an override of the gate).
-        Each move, including the implied retirement, is written to the audit log.
+        Each move, including the implied retirement, is written to the audit log. Repeating a
+        move (target = current stage) re-applies its aliases and returns: a retried pipeline
+        step converges instead of failing.
         """
         if not actor:
             raise RegistryError("a transition needs an actor (who is moving the version)")
         mv = self.get_version(v)
         target = parse_stage(target, "target stage")
-        check_transition(mv.stage, target, version=mv.version, force=force, role=role)
-        if force and mv.stage is Stage.REJECTED and not reason.strip():
+        # Moving to the stage a version is already in re-applies the aliases instead of
+        # failing: a durable pipeline re-runs an interrupted step, which may have set the tag
+        # but not the alias (or not the audit row) before the crash.
+        repeat = mv.stage is target
+        if not repeat:
+            check_transition(mv.stage, target, version=mv.version, force=force, role=role)
+        if force and not repeat and mv.stage is Stage.REJECTED and not reason.strip():
             raise LifecycleError(
                 f"approving rejected version {mv.version} by override needs a reason (why the "
                 f"gate or the tests were wrong)"
             )
         data: dict[str, Any] = {"forced": True, "role": role} if force else {}
-
         with _mlflow_errors(f"move version {mv.version} to {target}"):
-            if target is Stage.QA:
-                busy = [
-                    int(o.version)
-                    for o in self._search(f"tags.stage = {_quote(Stage.QA.value)}")
-                    if int(o.version) != mv.version
-                ]
-                if busy:
-                    raise LifecycleError(
-                        f"version {busy[0]} is still in qa; promote it to prod or reject it "
-                        f"before deploying version {mv.version} to qa"
-                    )
-            self._set_stage(mv.version, target)
-            if target is Stage.QA:
-                self.client.set_registered_model_alias(self.name, "qa", str(mv.version))
-            elif target is Stage.PROD:
-                # Flip the pointer first (that is what serving follows), then retire whatever
-                # else still says prod: also repairs a half-done earlier promotion.
-                self.client.set_registered_model_alias(self.name, "prod", str(mv.version))
-                old = [
-                    int(o.version)
-                    for o in self._search(f"tags.stage = {_quote(Stage.PROD.value)}")
-                    if int(o.version) != mv.version
-                ]
-                for other in old:
-                    self._set_stage(other, Stage.RETIRED)
-                    self._audit(
-                        other,
-                        "transition",
-                        Stage.PROD,
-                        Stage.RETIRED,
-                        actor,
-                        f"replaced by version {mv.version}",
-                        {"replaced_by": mv.version},
-                    )
-                if old:
-                    data["replaced"] = old
-            else:
-                for alias in mv.aliases:
-                    drop = alias in STAGE_ALIASES and target is Stage.REJECTED
-                    drop = drop or (alias == "prod" and target is Stage.RETIRED)
-                    if drop:
-                        self.client.delete_registered_model_alias(self.name, alias)
-                        data.setdefault("aliases_removed", []).append(alias)
-        self._audit(mv.version, "transition", mv.stage, target, actor, reason, data)
+            self._apply_stage(mv, target, actor, data)
+        if not repeat:
+            self._audit(mv.version, "transition", mv.stage, target, actor, reason, data)
+        else:
+            last = self.audit_log(mv.version, limit=1)
+            if not last or last[0].to_stage != target.value:
+                # The first attempt crashed before its audit row; the stage it left is lost.
+                data["repeated"] = True
+                self._audit(mv.version, "transition", None, target, actor, reason, data)
         return self.get_version(mv.version)
+
+    def _apply_stage(
+        self, mv: ModelVersion, target: Stage, actor: str, data: dict[str, Any]
+    ) -> None:
+        """Set the stage tags and move the stage aliases (idempotent: safe to run again)."""
+        if target is Stage.QA:
+            busy = [
+                int(o.version)
+                for o in self._search(f"tags.stage = {_quote(Stage.QA.value)}")
+                if int(o.version) != mv.version
+            ]
+            if busy:
+                raise LifecycleError(
+                    f"version {busy[0]} is still in qa; promote it to prod or reject it "
+                    f"before deploying version {mv.version} to qa"
+                )
+        self._set_stage(mv.version, target)
+        if target is Stage.QA:
+            self.client.set_registered_model_alias(self.name, "qa", str(mv.version))
+        elif target is Stage.PROD:
+            # Flip the pointer first (that is what serving follows), then retire whatever
+            # else still says prod: this also repairs a half-done earlier promotion.
+            self.client.set_registered_model_alias(self.name, "prod", str(mv.version))
+            old = [
+                int(o.version)
+                for o in self._search(f"tags.stage = {_quote(Stage.PROD.value)}")
+                if int(o.version) != mv.version
+            ]
+            for other in old:
+                self._set_stage(other, Stage.RETIRED)
+                self._audit(
+                    other,
+                    "transition",
+                    Stage.PROD,
+                    Stage.RETIRED,
+                    actor,
+                    f"replaced by version {mv.version}",
+                    {"replaced_by": mv.version},
+                )
+            if old:
+                data["replaced"] = old
+        else:
+            for alias in mv.aliases:
+                drop = alias in STAGE_ALIASES and target is Stage.REJECTED
+                drop = drop or (alias == "prod" and target is Stage.RETIRED)
+                if drop:
+                    self.client.delete_registered_model_alias(self.name, alias)
+                    data.setdefault("aliases_removed", []).append(alias)
 
     def set_alias(
         self, alias: str, v: int | str, *, actor: str = "evertune", reason: str = ""
@@ -615,7 +636,7 @@ class Registry:
         lineage: dict[str, str],
         adapter: Path,
         report: Any | None,
-        means: dict[str, dict[str, float]],
+        eval_metrics: dict[str, float],
         history: Sequence[Mapping[str, Any]],
     ) -> tuple[str, str]:
         """The job's MLflow run, fully logged: reused if a retry finds it, else created now."""
@@ -649,9 +670,8 @@ class Registry:
         param_items = [Param(_metric_key(k), _param_value(v)) for k, v in sorted(params.items())]
 
         metrics = list(_history_metrics(history, now_ms))
-        for label, values in means.items():
-            for name, value in values.items():
-                metrics.append(Metric(_metric_key(f"eval.{label}.{name}"), value, now_ms, 0))
+        for key, value in eval_metrics.items():
+            metrics.append(Metric(_metric_key(key), value, now_ms, 0))
 
         for chunk in _chunks(param_items, 100):
             self.client.log_batch(run_id, params=chunk)
@@ -666,9 +686,7 @@ class Registry:
                 (extra / "eval" / "report.json").write_text(_report_json(report), "utf-8")
             config = _get(job, "config")
             if config:
-                (extra / "config.json").write_text(
-                    json.dumps(_plain(config), indent=2, default=str), "utf-8"
-                )
+                (extra / "config.json").write_text(json.dumps(_plain(config), indent=2), "utf-8")
             if any(extra.iterdir()):
                 self.client.log_artifacts(run_id, str(extra))
 
@@ -680,7 +698,9 @@ class Registry:
     def _ensure_audit_table(self) -> None:
         # db.connect creates every table of db.metadata, but only those defined when it ran:
         # if the engine was opened before this module was imported, create ours now.
-        audit.create(self.ws.engine, checkfirst=True)
+        if not self._audit_ready:
+            audit.create(self.ws.engine, checkfirst=True)
+            self._audit_ready = True
 
     def _audit(
         self,
@@ -797,14 +817,24 @@ def _get(obj: Any, key: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """Pydantic models and dataclasses → plain dicts; everything else unchanged."""
+    """JSON-ready data from Pydantic models, dataclasses, namespaces, enums and paths."""
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(value)
-    return value
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if hasattr(value, "__dict__"):  # SimpleNamespace and plain objects
+        return {k: _plain(v) for k, v in vars(value).items() if not k.startswith("_")}
+    return str(value)
 
 
 def _job_result_path(job: Any) -> Path:
@@ -826,12 +856,17 @@ def _job_result_path(job: Any) -> Path:
 
 
 def _gate(report: Any | None) -> tuple[str | None, list[str]]:
-    """(verdict, reasons) of an evaluation report; (None, []) when there is no report."""
+    """(verdict, reasons) of an evaluation report; (None, []) when there is no report.
+
+    The report's top-level `verdict`/`reasons` come first: in an EvalReport they cover every
+    split (test and golden), while `report.gate` is the main split's gate only.
+    """
     if report is None:
         return None, []
-    gate = _get(report, "gate")
-    verdict = _get(gate, "verdict") if gate is not None else _get(report, "verdict")
-    reasons = _get(gate, "reasons") if gate is not None else _get(report, "reasons")
+    verdict, reasons = _get(report, "verdict"), _get(report, "reasons")
+    if verdict is None:
+        gate = _get(report, "gate")
+        verdict, reasons = _get(gate, "verdict"), _get(gate, "reasons")
     if verdict is not None:
         verdict = str(getattr(verdict, "value", verdict)).lower()
     return verdict, [str(r) for r in (reasons or [])]
@@ -847,56 +882,91 @@ def _mean_of(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _eval_means(report: Any | None) -> dict[str, dict[str, float]]:
-    """label → metric → mean, from whichever shape the report uses.
+Means = dict[str, dict[str, dict[str, float]]]
+"""split → role → metric → mean; the main split first ("" for a report without splits)."""
 
-    Accepted: `{label: {metric: mean}}` or `{label: {metric: {"mean": …}}}` under one of
-    the keys means / model_means / summary / models / metrics, or a list of
-    `{"label": …, "means" | "metrics": {...}}`.
+
+def _eval_means(report: Any | None) -> Means:
+    """Per-split, per-model means from an EvalReport or a dict/namespace shaped like one.
+
+    EvalReport: `splits.<name>.means.<role>.<metric>` (main split "test", else the first).
+    Looser shapes (a report without splits): `{role: {metric: mean | {"mean": …}}}` under
+    means / model_means / summary / models / metrics, or a list of `{"label", "means"}`.
     """
     if report is None:
         return {}
     data = _plain(report)
     if not isinstance(data, Mapping):
-        data = {k: _plain(v) for k, v in vars(data).items()} if hasattr(data, "__dict__") else {}
+        return {}
+    splits = data.get("splits")
+    if isinstance(splits, Mapping) and splits:
+        main = "test" if "test" in splits else next(iter(splits))
+        out: Means = {}
+        for name in [main, *(n for n in splits if n != main)]:
+            roles = _role_means(_get(splits[name], "means"))
+            if roles:
+                out[str(name)] = roles
+        return out
     for key in ("means", "model_means", "summary", "models", "metrics"):
-        block = _plain(data.get(key))
-        out: dict[str, dict[str, float]] = {}
-        if isinstance(block, Mapping):
-            items: Iterable[tuple[Any, Any]] = block.items()
-        elif isinstance(block, list):
-            items = (
-                (_get(b, "label") or _get(b, "name") or _get(b, "model"), b)
-                for b in (_plain(x) for x in block)
-                if isinstance(b, Mapping)
-            )
-        else:
-            continue
-        for label, values in items:
-            values = _plain(values)
-            if isinstance(values, Mapping) and isinstance(
-                values.get("means") or values.get("metrics"), Mapping
-            ):
-                values = values.get("means") or values.get("metrics")
-            if label is None or not isinstance(values, Mapping):
-                continue
-            nums = {str(k): m for k, v in values.items() if (m := _mean_of(v)) is not None}
-            if nums:
-                out[str(label)] = nums
-        if out:
-            return out
+        roles = _role_means(data.get(key))
+        if roles:
+            return {"": roles}
     return {}
 
 
-def _summary_metrics(
-    means: dict[str, dict[str, float]], history: Sequence[Mapping[str, Any]]
-) -> dict[str, float]:
-    """The candidate's eval means plus the last train/val loss: the `metrics` tag."""
-    if means:
-        label = "candidate" if "candidate" in means else next(iter(means))
-        out = {k: round(v, 6) for k, v in means[label].items()}
+def _role_means(block: Any) -> dict[str, dict[str, float]]:
+    if isinstance(block, Mapping):
+        items: Iterable[tuple[Any, Any]] = block.items()
+    elif isinstance(block, list):
+        items = (
+            (_get(b, "label") or _get(b, "name") or _get(b, "model"), b)
+            for b in block
+            if isinstance(b, Mapping)
+        )
     else:
-        out = {}
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for label, values in items:
+        if isinstance(values, Mapping):
+            inner = values.get("means") or values.get("metrics")
+            values = inner if isinstance(inner, Mapping) else values
+        if label is None or not isinstance(values, Mapping):
+            continue
+        nums = {str(k): m for k, v in values.items() if (m := _mean_of(v)) is not None}
+        if nums:
+            out[str(label)] = nums
+    return out
+
+
+def _eval_metric_items(report: Any | None, means: Means) -> dict[str, float]:
+    """MLflow metric keys for an evaluation: `eval.candidate.rougeL` for the main split,
+    `eval.golden.candidate.rougeL` for the others, and the gate's CI bounds when the report
+    offers them (`EvalReport.summary_metrics()`: `eval.test.gate.rougeL.ci_low`)."""
+    out: dict[str, float] = {}
+    for i, (split, roles) in enumerate(means.items()):
+        prefix = "eval." if i == 0 or not split else f"eval.{split}."
+        for role, values in roles.items():
+            for metric, value in values.items():
+                out[f"{prefix}{role}.{metric}"] = value
+    summary = getattr(report, "summary_metrics", None)
+    if callable(summary):
+        for key, value in summary().items():
+            number = _mean_of(value)
+            if ".gate." in key and number is not None:
+                out[f"eval.{key}"] = number
+    return out
+
+
+def _summary_metrics(means: Means, history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The `metrics` tag: the candidate's means (`rougeL` on the main split, `golden.rougeL`
+    on the others) plus the last train and validation loss of the job."""
+    out: dict[str, float] = {}
+    for i, (split, roles) in enumerate(means.items()):
+        if not roles:
+            continue
+        role = "candidate" if "candidate" in roles else next(iter(roles))
+        prefix = "" if i == 0 or not split else f"{split}."
+        out.update({f"{prefix}{k}": round(v, 6) for k, v in roles[role].items()})
     for key in ("train_loss", "val_loss"):
         for row in reversed(list(history)):
             value = _mean_of(_history_values(row).get(key))
@@ -930,7 +1000,7 @@ def _history_metrics(history: Sequence[Mapping[str, Any]], now_ms: int) -> Itera
 def _report_json(report: Any) -> str:
     if hasattr(report, "model_dump_json"):
         return str(report.model_dump_json(indent=2))
-    return json.dumps(_plain(report), indent=2, default=str)
+    return json.dumps(_plain(report), indent=2)
 
 
 def _describe(
@@ -963,7 +1033,7 @@ def _describe(
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(value, Mapping):
         for k, v in value.items():
-            yield from _flatten(_plain(v), f"{prefix}.{k}" if prefix else str(k))
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
     elif prefix:
         yield prefix, value
 

@@ -1,4 +1,7 @@
-"""Records to tokens: the prompt is masked, EOS is learned.  Run: pytest tests/data/test_templating.py"""
+"""Records to tokens: the prompt is masked, EOS is learned.
+
+    pytest tests/data/test_templating.py
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import pytest
 from evertune.data.templating import (
     IGNORE_INDEX,
     Example,
+    eos_id,
     to_example,
     to_preference,
     token_length,
@@ -89,7 +93,8 @@ def test_preference_prompt_is_templated(tok):
 
 
 def test_no_chat_template_or_eos_is_a_clear_error():
-    bare = SimpleNamespace(chat_template=None, name_or_path="base-model", eos_token_id=None,
-                           __call__=None)
-    with pytest.raises(DataError, match="no chat template"):
+    bare = SimpleNamespace(chat_template=None, name_or_path="base-model", eos_token_id=None)
+    with pytest.raises(DataError, match="'base-model' has no chat template"):
         to_example({"input": "a", "output": "b"}, bare)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="has no EOS token"):
+        eos_id(bare)  # type: ignore[arg-type]

@@ -65,7 +65,7 @@ class DatasetVersion:
 
     @property
     def origin(self) -> Literal["upload", "union"]:
-        """"upload" for a data drop, "union" for a cumulative training set built from drops."""
+        """Where the version came from: "upload" (a data drop) or "union" (cumulative set)."""
         return self.report.get("origin", "upload")
 
     def records(self, split: str) -> list[dict[str, Any]]:
@@ -235,8 +235,8 @@ def add_files(
             continue
         pairs: list[tuple[dict[str, Any], int | None]] = []
         for r in group:
-            lengths: list[int | None] = list(r.token_lengths) or [None] * len(r.records)
-            pairs += zip(r.records, lengths, strict=True)
+            per_record: list[int | None] = list(r.token_lengths) or [None] * len(r.records)
+            pairs += zip(r.records, per_record, strict=True)
         in_golden = [p for p in pairs if record_key(p[0]) in golden]
         pairs = [p for p in pairs if record_key(p[0]) not in golden]
         records, dropped = dedup([rec for rec, _ in pairs])
@@ -247,7 +247,7 @@ def add_files(
             )
         # Lengths of the records that survived dedup (first occurrence kept, like dedup()).
         seen: set[str] = set()
-        lengths = []
+        lengths: list[int] = []
         for rec, n in pairs:
             key = record_key(rec)
             if key not in seen:

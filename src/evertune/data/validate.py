@@ -152,15 +152,13 @@ def _read_rows(
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None
-        if isinstance(whole, (list, dict)):
-            shape = "a JSON array" if isinstance(whole, list) else "one multi-line JSON object"
-            raise DataError(
-                f"{path} is {shape}, not JSON Lines (one JSON object per line); convert it with "
-                f"`jq -c '.[]' {name} > {Path(name).stem}.jsonl`" if isinstance(whole, list) else
-                f"{path} is {shape}, not JSON Lines (one JSON object per line); put each record "
-                f"on its own line, e.g. with `jq -c . {name}`"
-            )
-        if not parsed_any:
+        if isinstance(whole, list):
+            raise DataError(f"{path} is a JSON array, not JSON Lines (one JSON object per "
+                            f"line); convert it with `jq -c '.[]' {name} > {path.stem}.jsonl`")
+        if isinstance(whole, dict):
+            raise DataError(f"{path} is one multi-line JSON object, not JSON Lines (one JSON "
+                            f"object per line); put each record on its own line (`jq -c . {name}`)")
+        if not parsed_any and any(r.code == "invalid_json" for r in rejects):
             first_bad = rejects[0] if rejects else None
             detail = f" (line {first_bad.line}: {first_bad.reason})" if first_bad else ""
             raise DataError(
@@ -173,6 +171,9 @@ def _read_rows(
 
 def _file_format(path: Path, rows: list[tuple[int, Any]], rejects: list[Reject]) -> Format:
     """The format of the first valid row; DataError when there is none."""
+    if not rows:  # every row was too large
+        shown = "\n".join(f"  line {r.line}: {r.reason}" for r in rejects[:10])
+        raise DataError(f"{path} has no valid row; fix these and add it again:\n{shown}")
     first_fmt: Format | None = None
     for _, row in rows:
         fmt = detect_format(row) if isinstance(row, dict) else None

@@ -38,12 +38,13 @@ class LocalBackend:
     name = "local"
 
     def start(self, ws: Workspace, job: Job, folder: Path) -> tuple[int | None, str]:
-        log = open(folder / "train.log", "ab")  # append: a resumed job keeps its earlier log
-        try:
-            env = dict(os.environ)
-            env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = dict(os.environ)
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Append: a resumed job keeps its earlier log. The child holds its own copy of the
+        # file descriptor, so closing ours right after the spawn is fine.
+        with open(folder / "train.log", "ab") as log:
             # A new session: Ctrl-C in the terminal that started the job (or the end of the
-            # CLI process) does not kill training; `evertune jobs cancel` does, cleanly.
+            # CLI process) does not kill training; `evertune jobs cancel` stops it cleanly.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "evertune.training.run", str(folder)],
                 stdin=subprocess.DEVNULL,
@@ -54,8 +55,6 @@ class LocalBackend:
                 env=env,
                 cwd=str(folder),
             )
-        finally:
-            log.close()
         return proc.pid, socket.gethostname()
 
 
@@ -77,7 +76,10 @@ class RayBackend:
         )
 
 
-BACKENDS: dict[str, type[LocalBackend] | type[RayBackend]] = {"local": LocalBackend, "ray": RayBackend}
+BACKENDS: dict[str, type[LocalBackend] | type[RayBackend]] = {
+    "local": LocalBackend,
+    "ray": RayBackend,
+}
 
 
 def get_backend(name: str) -> Backend:
@@ -85,4 +87,6 @@ def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise JobError(f"unknown train.backend {name!r}; use one of: {', '.join(BACKENDS)}") from None
+        raise JobError(
+            f"unknown train.backend {name!r}; use one of: {', '.join(BACKENDS)}"
+        ) from None

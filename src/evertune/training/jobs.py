@@ -3,7 +3,7 @@
     from evertune.training import create_job, start_job, wait_job, run_finetune
     job = run_finetune(ws, dataset)                      # create + start + wait, in one call
     job = create_job(ws, dataset, run_id="run-42")       # the same run_id returns the same job
-    job = start_job(ws, job.id)                          # spawns `python -m evertune.training.run JOB_DIR`
+    job = start_job(ws, job.id)                          # python -m evertune.training.run JOB_DIR
     job = wait_job(ws, job.id, on_progress=print)        # polls the state DB
     evertune jobs cancel ftjob-…   /   evertune jobs resume ftjob-…
 
@@ -121,7 +121,9 @@ class Job(BaseModel):
             "estimated_finish": None,
             "integrations": [],
             "method": {"type": self.method, self.method: {"hyperparameters": dict(hp)}},
-            "metadata": {"parent": self.parent, "run_id": self.run_id} if self.parent or self.run_id else None,
+            "metadata": {"parent": self.parent, "run_id": self.run_id}
+            if self.parent or self.run_id
+            else None,
         }
 
 
@@ -243,7 +245,7 @@ def list_events(ws: Workspace, job_id: str, after: int = 0) -> list[JobEvent]:
 
 
 def list_metrics(ws: Workspace, job_id: str) -> list[dict[str, Any]]:
-    """Metric rows oldest first: `{"step", "created_at", **values}` (train_loss, lr, val_loss, …)."""
+    """Metric rows, oldest first: `{"step", "created_at", **values}` (train_loss, lr, …)."""
     t = db.job_metrics
     q = select(t).where(t.c.job_id == job_id).order_by(t.c.id)
     with ws.engine.connect() as conn:
@@ -269,7 +271,11 @@ def list_checkpoints(ws: Workspace, job_id: str) -> list[JobCheckpoint]:
 
 
 def record_event(
-    ws: Workspace, job_id: str, message: str, level: EventLevel = "info", data: dict[str, Any] | None = None
+    ws: Workspace,
+    job_id: str,
+    message: str,
+    level: EventLevel = "info",
+    data: dict[str, Any] | None = None,
 ) -> None:
     with ws.engine.begin() as conn:
         conn.execute(
@@ -282,27 +288,40 @@ def record_event(
 def record_metrics(ws: Workspace, job_id: str, step: int, values: dict[str, Any]) -> None:
     with ws.engine.begin() as conn:
         conn.execute(
-            insert(db.job_metrics).values(job_id=job_id, step=step, created_at=time.time(), values=values)
+            insert(db.job_metrics).values(
+                job_id=job_id, step=step, created_at=time.time(), values=values
+            )
         )
 
 
 def record_checkpoint(
-    ws: Workspace, job_id: str, step: int, path: Path, metrics: dict[str, Any], pruned: list[Path] = ()  # type: ignore[assignment]
+    ws: Workspace,
+    job_id: str,
+    step: int,
+    path: Path,
+    metrics: dict[str, Any],
+    pruned: list[Path] = (),  # type: ignore[assignment]
 ) -> None:
     """Add a checkpoint row and drop the rows of checkpoints whose folders were pruned."""
     t = db.job_checkpoints
     with ws.engine.begin() as conn:
         if pruned:
-            conn.execute(delete(t).where(t.c.job_id == job_id, t.c.path.in_([str(p) for p in pruned])))
+            conn.execute(
+                delete(t).where(t.c.job_id == job_id, t.c.path.in_([str(p) for p in pruned]))
+            )
         conn.execute(
-            insert(t).values(job_id=job_id, step=step, created_at=time.time(), metrics=metrics, path=str(path))
+            insert(t).values(
+                job_id=job_id, step=step, created_at=time.time(), metrics=metrics, path=str(path)
+            )
         )
 
 
 def cancel_requested(ws: Workspace, job_id: str) -> bool:
     """Whether someone asked this job to stop (read by the training loop every step)."""
     with ws.engine.connect() as conn:
-        value = conn.execute(select(db.jobs.c.cancel_requested).where(db.jobs.c.id == job_id)).scalar()
+        value = conn.execute(
+            select(db.jobs.c.cancel_requested).where(db.jobs.c.id == job_id)
+        ).scalar()
     return bool(value)
 
 
@@ -328,7 +347,10 @@ def transition(
         current = row.status
         if to not in TRANSITIONS[current]:
             allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing (it is final)"
-            raise JobError(f"job {job_id} is {current}; it cannot become {to}. From {current} it can become: {allowed}")
+            raise JobError(
+                f"job {job_id} is {current}; it cannot become {to}. "
+                f"From {current} it can become: {allowed}"
+            )
         values = dict(fields)
         values["status"] = to
         if to in TERMINAL:
@@ -336,14 +358,20 @@ def transition(
         if to == "running":
             values.setdefault("started_at", now)
         done = conn.execute(
-            update(db.jobs).where(db.jobs.c.id == job_id, db.jobs.c.status == current).values(**values)
+            update(db.jobs)
+            .where(db.jobs.c.id == job_id, db.jobs.c.status == current)
+            .values(**values)
         )
         if done.rowcount != 1:
-            raise JobError(f"job {job_id} changed status while moving it to {to}; read it again and retry")
+            raise JobError(
+                f"job {job_id} changed status while moving it to {to}; read it again and retry"
+            )
         if message:
             data = {"status": to, **({"error": fields["error"]} if fields.get("error") else {})}
             conn.execute(
-                insert(db.job_events).values(job_id=job_id, created_at=now, level=level, message=message, data=data)
+                insert(db.job_events).values(
+                    job_id=job_id, created_at=now, level=level, message=message, data=data
+                )
             )
     return get_job(ws, job_id)
 
@@ -351,7 +379,12 @@ def transition(
 def fail_job(ws: Workspace, job_id: str, code: str, message: str) -> Job:
     """Mark the job failed with `{code, message}` (and an error event)."""
     return transition(
-        ws, job_id, "failed", error={"code": code, "message": message}, message=f"Job failed: {message}", level="error"
+        ws,
+        job_id,
+        "failed",
+        error={"code": code, "message": message},
+        message=f"Job failed: {message}",
+        level="error",
     )
 
 
@@ -368,13 +401,15 @@ def _validate_dataset(ws: Workspace, dataset: DatasetVersion, method: str) -> No
         )
     if wanted != method:
         raise DataError(
-            f"dataset {dataset.id} holds {dataset.kind} records, which train with method {wanted!r}, "
+            f"dataset {dataset.id} holds {dataset.kind} records, which train with method "
+            f"{wanted!r}, "
             f"but train.method is {method!r}; add input/output, prompt/completion or chat records "
             "(`evertune data add FILE`) or pick a dataset of kind sft"
         )
     if int(dataset.counts.get("train", 0)) <= 0:
         raise DataError(
-            f"dataset {dataset.id} has no training examples (counts: {dataset.counts}); add more rows "
+            f"dataset {dataset.id} has no training examples (counts: {dataset.counts}); "
+            "add more rows "
             "or lower data.split.validation / data.split.test"
         )
 
@@ -419,7 +454,10 @@ def create_job(
         )
         conn.execute(
             insert(db.job_events).values(
-                job_id=job_id, created_at=now, level="info", message=f"Validating training file: {dataset.id}"
+                job_id=job_id,
+                created_at=now,
+                level="info",
+                message=f"Validating training file: {dataset.id}",
             )
         )
     train_file = Path(dataset.path) / "train.jsonl"
@@ -432,7 +470,10 @@ def create_job(
         raise DataError(f"job {job_id} failed: {msg}")
     job_dir(ws, job_id).mkdir(parents=True, exist_ok=True)
     return transition(
-        ws, job_id, "queued", message=f"Files validated ({dataset.counts.get('train')} training examples), job queued"
+        ws,
+        job_id,
+        "queued",
+        message=f"Files validated ({dataset.counts.get('train')} training examples), job queued",
     )
 
 
@@ -444,7 +485,11 @@ def start_job(ws: Workspace, job_id: str) -> Job:
     if job.status != "queued":
         raise JobError(
             f"job {job_id} is {job.status}; only a queued job can start "
-            + ("(resume it with `evertune jobs resume " + job_id + "`)" if job.status in ("failed", "cancelled") else "")
+            + (
+                "(resume it with `evertune jobs resume " + job_id + "`)"
+                if job.status in ("failed", "cancelled")
+                else ""
+            )
         )
     folder = job_dir(ws, job_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -504,7 +549,8 @@ def process_alive(job: Job) -> bool | None:
 def _died_message(job_id: str) -> str:
     return (
         f"the training process of {job_id} ended without reporting (killed, out of host memory, "
-        f"or the machine restarted); continue from its last checkpoint with `evertune jobs resume {job_id}`"
+        f"or the machine restarted); continue from its last checkpoint with "
+        f"`evertune jobs resume {job_id}`"
     )
 
 
@@ -559,19 +605,29 @@ def wait_job(
         job = check_alive(ws, job_id)
         if on_progress is not None:
             with ws.engine.connect() as conn:
-                new = conn.execute(select(t.c.id).where(t.c.job_id == job_id, t.c.id > seen).order_by(t.c.id.desc())).first()
+                new = conn.execute(
+                    select(t.c.id)
+                    .where(t.c.job_id == job_id, t.c.id > seen)
+                    .order_by(t.c.id.desc())
+                ).first()
             if new is not None:
                 seen = new.id
                 on_progress(_progress(list_metrics(ws, job_id), job))
         if job.finished:
             return job
-        if job.status in ("queued", "validating_files") and job.pid is None and job.config.get("train", {}).get(
-            "backend", "local"
-        ) == "local":
-            raise JobError(f"job {job_id} is {job.status} but was never started; start it with `evertune jobs resume {job_id}`")
+        if (
+            job.status in ("queued", "validating_files")
+            and job.pid is None
+            and job.config.get("train", {}).get("backend", "local") == "local"
+        ):
+            raise JobError(
+                f"job {job_id} is {job.status} but was never started; start it with "
+                f"`evertune jobs resume {job_id}`"
+            )
         if deadline is not None and time.monotonic() > deadline:
             raise JobError(
-                f"job {job_id} is still {job.status} after {timeout:g} s; wait again with `evertune jobs wait {job_id}`"
+                f"job {job_id} is still {job.status} after {timeout:g} s; wait again with "
+                f"`evertune jobs wait {job_id}`"
             )
         time.sleep(poll)
 
@@ -582,10 +638,17 @@ def cancel_job(ws: Workspace, job_id: str) -> Job:
     job = check_alive(ws, job_id)
     if job.finished:
         raise JobError(
-            f"job {job_id} is already {job.status}; only validating_files, queued or running jobs can be cancelled"
+            f"job {job_id} is already {job.status}; only validating_files, queued or running "
+            "jobs can be cancelled"
         )
     if job.status in ("validating_files", "queued"):
-        return transition(ws, job_id, "cancelled", cancel_requested=True, message="Job cancelled before it started")
+        return transition(
+            ws,
+            job_id,
+            "cancelled",
+            cancel_requested=True,
+            message="Job cancelled before it started",
+        )
     with ws.engine.begin() as conn:
         conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(cancel_requested=True))
     record_event(ws, job_id, "Cancellation requested; the job stops after the current step")
@@ -608,12 +671,18 @@ def resume_job(ws: Workspace, job_id: str) -> Job:
     """
     job = check_alive(ws, job_id)
     if job.status == "running":
-        raise JobError(f"job {job_id} is still running (pid {job.pid} on {job.host}); cancel it first or wait")
+        raise JobError(
+            f"job {job_id} is still running (pid {job.pid} on {job.host}); cancel it first or wait"
+        )
     if job.status == "succeeded":
-        raise JobError(f"job {job_id} already succeeded; start a new job with `evertune tune` instead")
+        raise JobError(
+            f"job {job_id} already succeeded; start a new job with `evertune tune` instead"
+        )
     if job.status in ("failed", "cancelled"):
         ckpt = newest_checkpoint(job_dir(ws, job_id))
-        where = f"from checkpoint {ckpt.name}" if ckpt else "from the start (no checkpoint was saved)"
+        where = (
+            f"from checkpoint {ckpt.name}" if ckpt else "from the start (no checkpoint was saved)"
+        )
         transition(
             ws,
             job_id,

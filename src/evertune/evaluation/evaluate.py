@@ -1,0 +1,455 @@
+"""Score a candidate against the reference (PROD, else the base model) and apply the gate.
+
+    from evertune.evaluation import ModelRef, evaluate_candidate, print_report
+    report = evaluate_candidate(
+        ws, ModelRef("candidate", adapter=Path(job.result["path"])), dataset,
+        reference=ModelRef("v3 (prod)", adapter=prod_path, version="3"),   # None: gate vs base
+        progress=lambda label, done, total: print(label, done, total),     # or a Rich bar
+    )
+    print_report(report, console)          # `evertune eval …` does both
+
+What runs, in order:
+1. Examples: up to `eval.max_examples` of the dataset's test split (a seeded sample, so the same
+   dataset always gives the same examples; the validation split if the test split is empty),
+   and the whole golden set (`data.golden_set`) when configured. Both are reported and gated
+   separately; the verdict passes only if both pass.
+2. Each model (candidate, reference if given, base) is loaded once with
+   `evertune.models.load_for_inference`, generates greedily for every example and computes the
+   teacher-forced loss of the expected answer, then is freed before the next one loads.
+3. Text metrics (`eval.metrics`) compare each output with the expected answer; the gate
+   (`gate.rules`) compares candidate and reference example by example.
+4. The report goes to `ws.evals_dir/<id>/report.json`.
+
+Text (pretraining) data has no answer to generate: such examples are scored by loss and
+perplexity only, and rules on other metrics are skipped for them with a note.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import random
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from evertune.errors import DataError, NotFoundError
+from evertune.evaluation import metrics as M
+from evertune.evaluation.gate import GateResult, check_rule_metrics, finite_mean, run_gate
+from evertune.evaluation.report import (
+    EvalReport,
+    ExampleRow,
+    ModelOutput,
+    ModelRef,
+    Regression,
+    Role,
+    SplitReport,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from evertune.config import Config
+    from evertune.data.store import DatasetVersion
+    from evertune.generation import Generation
+    from evertune.workspace import Workspace
+
+Progress = Callable[[str, int, int], None]
+"""progress(label, done, total): e.g. ("candidate: generating (test)", 16, 64)."""
+
+WORST_REGRESSIONS = 10
+# Ranking metric for worst regressions when no gate rule names one, best first.
+REGRESSION_METRICS = ("rougeL", "embedding_cosine", "exact_match", "loss")
+TEXT_METRICS = frozenset(M.METRIC_GROUPS["rouge"] + M.METRIC_GROUPS["embedding"]
+                         + M.METRIC_GROUPS["exact_match"] + M.METRIC_GROUPS["json_valid"]
+                         + M.ALWAYS)
+
+
+@dataclass
+class _Item:
+    """One example as the models see it."""
+
+    input: str
+    prompt: str
+    expected: str
+    generative: bool  # False for text records: loss only
+
+
+@dataclass
+class _EvalSet:
+    name: str
+    source: str
+    items: list[_Item]
+
+    @property
+    def generative(self) -> list[int]:
+        return [i for i, item in enumerate(self.items) if item.generative]
+
+
+@dataclass
+class _Scored:
+    """One model's raw results on one set: generations (None where not generative), losses."""
+
+    generations: list[Generation | None]
+    losses: list[float]
+
+
+def _item(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> _Item:
+    from evertune.data.formats import detect_format
+    from evertune.data.templating import to_example, to_preference
+
+    fmt = detect_format(record)
+    if fmt == "text":
+        # No prompt: the loss covers the whole text, as continued pretraining learns it.
+        return _Item(input=record["text"], prompt="", expected=record["text"], generative=False)
+    if fmt == "preference":
+        # A preference pair is scored on its chosen answer: what the tuned model should say.
+        pref = to_preference(record, tokenizer)
+        return _Item(input=record["prompt"], prompt=pref.prompt, expected=pref.chosen,
+                     generative=True)
+    ex = to_example(record, tokenizer)  # raises DataError for anything else
+    if fmt == "input_output":
+        shown = record["input"]
+    elif fmt == "chat":
+        users = [m["content"] for m in record["messages"] if m.get("role") == "user"]
+        shown = users[-1] if users else ex.prompt
+    else:
+        shown = ex.prompt
+    return _Item(input=shown, prompt=ex.prompt, expected=ex.completion, generative=True)
+
+
+def select_examples(records: list[dict[str, Any]], limit: int, seed: str) -> list[dict[str, Any]]:
+    """Up to `limit` records, a sample seeded by `seed` (the dataset id), in stored order.
+
+    The same dataset gives the same examples on every run, so candidates evaluated on it
+    one after another are compared on the same footing.
+    """
+    if len(records) <= limit:
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def _eval_sets(
+    ws: Workspace, dataset: DatasetVersion, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[_EvalSet], list[str]]:
+    from evertune.data.store import load_golden
+
+    notes: list[str] = []
+    sets: list[_EvalSet] = []
+    limit = ws.config.eval.max_examples
+    split, records = "test", dataset.records("test")
+    if not records:
+        split, records = "validation", dataset.records("validation")
+        if records:
+            notes.append(f"dataset {dataset.id} has an empty test split; evaluated on its "
+                         "validation split instead (add data or raise data.split.test)")
+    if records:
+        chosen = select_examples(records, limit, dataset.id)
+        source = f"{dataset.id} {split} split ({len(chosen)} of {len(records)})"
+        sets.append(_EvalSet("test", source, [_item(r, tokenizer) for r in chosen]))
+    golden = load_golden(ws)
+    if golden:
+        source = f"golden set {ws.config.data.golden_set} ({len(golden)})"
+        sets.append(_EvalSet("golden", source, [_item(r, tokenizer) for r in golden]))
+    if not sets:
+        raise DataError(
+            f"dataset {dataset.id} has no test or validation examples and no golden set is "
+            "configured, so there is nothing to evaluate on; add more data (the split is by "
+            "content hash, so tiny drops can leave a split empty) or set data.golden_set"
+        )
+    return sets, notes
+
+
+def _report_progress(progress: Progress | None, label: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(label, done, total)
+
+
+def _score_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_set: _EvalSet,
+    cfg: Config,
+    label: str,
+    progress: Progress | None,
+) -> _Scored:
+    from evertune.data.templating import Example
+    from evertune.generation import generate
+
+    gens: list[Generation | None] = [None] * len(eval_set.items)
+    todo = eval_set.generative
+    # Chunk by eval.batch_size ourselves (sorted by prompt length, so chunks pad little) to
+    # report progress between batches.
+    todo.sort(key=lambda i: len(eval_set.items[i].prompt))
+    size = cfg.eval.batch_size
+    what = f"{label}: generating ({eval_set.name})"
+    _report_progress(progress, what, 0, len(todo))
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
+        outs = generate(model, tokenizer, [eval_set.items[i].prompt for i in chunk],
+                        max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0,
+                        batch_size=size)
+        for i, out in zip(chunk, outs, strict=True):
+            gens[i] = out
+        _report_progress(progress, what, start + len(chunk), len(todo))
+
+    losses = [math.nan] * len(eval_set.items)
+    if "loss" in cfg.eval.metrics:
+        what = f"{label}: loss ({eval_set.name})"
+        total = len(eval_set.items)
+        _report_progress(progress, what, 0, total)
+        losses = M.example_losses(
+            model, tokenizer,
+            [Example(prompt=it.prompt, completion=it.expected) for it in eval_set.items],
+            max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
+            progress=lambda done: _report_progress(progress, what, done, total),
+        )
+    return _Scored(generations=gens, losses=losses)
+
+
+def _text_scores(
+    eval_set: _EvalSet, scored: _Scored, groups: Sequence[str]
+) -> dict[str, list[float]]:
+    """Per-example scores of one model on one set (NaN where a metric does not apply)."""
+    n = len(eval_set.items)
+    scores: dict[str, list[float]] = {}
+    if "loss" in groups:
+        scores["loss"] = list(scored.losses)
+        scores["perplexity"] = M.perplexity(scored.losses)
+    idx = eval_set.generative
+    preds = [scored.generations[i].text for i in idx]  # type: ignore[union-attr]
+    refs = [eval_set.items[i].expected for i in idx]
+
+    def scatter(values: list[float]) -> list[float]:
+        full = [math.nan] * n
+        for i, v in zip(idx, values, strict=True):
+            full[i] = v
+        return full
+
+    if "rouge" in groups:
+        for key, values in M.rouge(preds, refs).items():
+            scores[key] = scatter(values)
+    if "embedding" in groups:
+        scores["embedding_cosine"] = scatter(M.embedding_cosine(preds, refs))
+    if "exact_match" in groups:
+        scores["exact_match"] = scatter(M.exact_match(preds, refs))
+    if "json_valid" in groups:
+        scores["json_valid"] = scatter(M.json_valid(preds))
+    scores["latency_s"] = scatter([scored.generations[i].latency_s for i in idx])  # type: ignore[union-attr]
+    return scores
+
+
+def _clean(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _regressions_on(
+    eval_set: _EvalSet,
+    scores: dict[Role, dict[str, list[float]]],
+    scored: dict[Role, _Scored],
+    ref_role: Role,
+    metric: str,
+    higher: bool,
+) -> list[Regression]:
+    sign = 1.0 if higher else -1.0
+    cand, ref = scores["candidate"][metric], scores[ref_role][metric]
+    found: list[Regression] = []
+    for i, item in enumerate(eval_set.items):
+        c, r = cand[i], ref[i]
+        if not (math.isfinite(c) and math.isfinite(r)) or sign * (c - r) >= 0:
+            continue
+        c_gen, r_gen = scored["candidate"].generations[i], scored[ref_role].generations[i]
+        found.append(Regression(
+            index=i, metric=metric, candidate_score=c, reference_score=r, change=sign * (c - r),
+            input=item.input, expected=item.expected,
+            candidate_output=c_gen.text if c_gen else None,
+            reference_output=r_gen.text if r_gen else None,
+        ))
+    found.sort(key=lambda reg: reg.change)
+    return found[:WORST_REGRESSIONS]
+
+
+def _worst_regressions(
+    eval_set: _EvalSet,
+    scores: dict[Role, dict[str, list[float]]],
+    scored: dict[Role, _Scored],
+    ref_role: Role,
+    gate: GateResult,
+) -> tuple[str | None, list[Regression]]:
+    """The examples the candidate lost most on, by the most telling metric that has any:
+    a metric whose rule failed, else any gated metric, else REGRESSION_METRICS in order."""
+    cand = scores["candidate"]
+    order = ([(r.metric, r.higher_is_better) for r in gate.rules if not r.passed]
+             + [(r.metric, r.higher_is_better) for r in gate.rules]
+             + [(m, m not in M.LOWER_IS_BETTER) for m in REGRESSION_METRICS])
+    for metric, higher in order:
+        if metric in cand:
+            found = _regressions_on(eval_set, scores, scored, ref_role, metric, higher)
+            if found:
+                return metric, found
+    return None, []
+
+
+def _split_report(
+    eval_set: _EvalSet,
+    scored: dict[Role, _Scored],
+    ref_role: Role,
+    models: dict[Role, ModelRef],
+    cfg: Config,
+    notes: list[str],
+) -> SplitReport:
+    groups = cfg.eval.metrics
+    scores: dict[Role, dict[str, list[float]]] = {
+        role: _text_scores(eval_set, s, groups) for role, s in scored.items()
+    }
+    rules = list(cfg.gate.rules)
+    if not eval_set.generative:
+        skipped = [r for r in rules if r.metric in TEXT_METRICS]
+        rules = [r for r in rules if r.metric not in TEXT_METRICS]
+        if skipped:
+            names = ", ".join(sorted({r.metric for r in skipped}))
+            notes.append(f"{eval_set.name}: rules on {names} skipped: text (pretraining) examples "
+                         "have no answer to generate; gated on loss only")
+    unscorable = sum(1 for v in scored["candidate"].losses if math.isnan(v))
+    if "loss" in groups and unscorable:
+        notes.append(f"{eval_set.name}: {unscorable} example(s) have a prompt longer than "
+                     f"data.max_seq_len ({cfg.data.max_seq_len}); their loss is not scored")
+    gate = run_gate(
+        scores["candidate"], scores[ref_role], rules,
+        confidence=cfg.gate.confidence, bootstrap_samples=cfg.gate.bootstrap_samples,
+        seed=cfg.gate.seed, candidate_label=models["candidate"].label,
+        reference_label=models[ref_role].label,
+    )
+    rows = []
+    for i, item in enumerate(eval_set.items):
+        outputs = {}
+        for role, s in scored.items():
+            gen = s.generations[i]
+            outputs[role] = ModelOutput(
+                text=gen.text if gen else None,
+                scores={k: _clean(v[i]) for k, v in scores[role].items()},
+                latency_s=gen.latency_s if gen else None,
+                completion_tokens=gen.completion_tokens if gen else None,
+                finish_reason=gen.finish_reason if gen else None,
+            )
+        rows.append(ExampleRow(index=i, input=item.input, prompt=item.prompt,
+                               expected=item.expected, outputs=outputs))
+    metric, worst = _worst_regressions(eval_set, scores, scored, ref_role, gate)
+    return SplitReport(
+        name=eval_set.name, source=eval_set.source, n_examples=len(eval_set.items),
+        means={role: {k: finite_mean(v) for k, v in s.items()} for role, s in scores.items()},
+        gate=gate, regression_metric=metric, worst_regressions=worst, rows=rows,
+    )
+
+
+def _release_memory() -> None:
+    # Collect now, so the next model does not load beside the one just dropped.
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_candidate(
+    ws: Workspace,
+    candidate: ModelRef,
+    dataset: DatasetVersion,
+    *,
+    reference: ModelRef | None = None,
+    include_base: bool = True,
+    progress: Progress | None = None,
+) -> EvalReport:
+    """Evaluate `candidate` on `dataset` (and the golden set), gate it, save and return the report.
+
+    Args:
+        ws: the workspace (its config's `eval`, `gate`, `model` and `data` sections apply).
+        candidate: the model to judge (usually a job's adapter folder).
+        dataset: the dataset version whose test split is evaluated.
+        reference: the model the candidate must beat, usually the PROD version; without one
+            the gate compares with the base model.
+        include_base: also score the base model when a reference is given (it is always scored
+            when there is no reference); `eval.compare_base: false` turns this off too.
+        progress: called as progress(label, done, total) while models load, generate and score.
+
+    Raises:
+        ConfigError: a gate rule names a metric that `eval.metrics` does not compute.
+        NotFoundError: an adapter folder does not exist.
+        DataError: nothing to evaluate on (no test/validation examples and no golden set).
+    """
+    from evertune.models import load_for_inference, load_tokenizer, resolve_base_model
+
+    started = time.time()
+    cfg = ws.config
+    # Fail on a bad rule before minutes of generation, not after.
+    computed = M.metric_names(cfg.eval.metrics)
+    check_rule_metrics(cfg.gate.rules, computed)
+    for ref in (candidate, reference):
+        if ref is not None and ref.adapter is not None and not ref.adapter.exists():
+            raise NotFoundError(f"adapter folder {ref.adapter} of model {ref.label!r} does not "
+                                "exist; check the job's result path or the registry version")
+
+    base_path = resolve_base_model(cfg.model.base, ws.models_dir)
+    tokenizer = load_tokenizer(base_path)
+    sets, notes = _eval_sets(ws, dataset, tokenizer)
+
+    models: dict[Role, ModelRef] = {"candidate": candidate}
+    if reference is not None:
+        models["reference"] = reference
+    if reference is None or (include_base and cfg.eval.compare_base):
+        models["base"] = ModelRef(label="base", adapter=None, version=None)
+    ref_role: Role = "reference" if reference is not None else "base"
+
+    # role -> set name -> results. A role whose model is the same folder as an earlier one's
+    # (a reference that is the base model itself) reuses its results.
+    results: dict[Role, dict[str, _Scored]] = {}
+    done_by_adapter: dict[str | None, Role] = {}
+    for role, ref in models.items():
+        key = str(ref.adapter.resolve()) if ref.adapter is not None else None
+        if key in done_by_adapter:
+            results[role] = results[done_by_adapter[key]]
+            continue
+        label = role if ref.label == role else f"{role} ({ref.label})"
+        _report_progress(progress, f"{label}: loading", 0, 1)
+        model = load_for_inference(base_path, ref.adapter, dtype=cfg.model.dtype)
+        _report_progress(progress, f"{label}: loading", 1, 1)
+        results[role] = {s.name: _score_model(model, tokenizer, s, cfg, label, progress)
+                         for s in sets}
+        done_by_adapter[key] = role
+        del model
+        _release_memory()
+
+    splits: dict[str, SplitReport] = {}
+    for s in sets:
+        what = f"scoring outputs and gating ({s.name})"
+        _report_progress(progress, what, 0, 1)
+        splits[s.name] = _split_report(
+            s, {role: results[role][s.name] for role in models}, ref_role, models, cfg, notes
+        )
+        _report_progress(progress, what, 1, 1)
+    reasons = [reason if name == "test" else f"{name}: {reason}"
+               for name, split in splits.items() for reason in split.gate.reasons]
+    verdict = "pass" if all(sp.gate.verdict == "pass" for sp in splits.values()) else "fail"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
+    report = EvalReport(
+        id=f"eval-{stamp}-{secrets.token_hex(3)}",
+        created_at=started,
+        duration_s=round(time.time() - started, 3),
+        dataset=dataset.id,
+        dataset_kind=dataset.kind,
+        golden_set=cfg.data.golden_set,
+        models=models,
+        reference_role=ref_role,
+        metrics=computed,
+        verdict=verdict,
+        reasons=reasons,
+        notes=notes,
+        splits=splits,
+        settings={"eval": cfg.eval.model_dump(), "gate": cfg.gate.model_dump(),
+                  "base_model": cfg.model.base, "max_seq_len": cfg.data.max_seq_len},
+    )
+    report.save(ws.evals_dir / report.id / "report.json")
+    return report

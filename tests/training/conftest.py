@@ -1,0 +1,62 @@
+"""Fixtures for the training tests: a small SFT dataset and an in-process job runner."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from evertune.workspace import Workspace
+
+WORDS = (
+    "please route this support ticket to the right team billing shipping account technical "
+    "returns my card was charged twice for the same order and I want a refund"
+).split()
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """`n` input/output records of varied length (about 10 to 70 tokens with the tiny model)."""
+    rng = random.Random(seed)
+    return [
+        {
+            "input": f"{i}: " + " ".join(rng.choices(WORDS, k=rng.randint(2, 24))),
+            "output": " ".join(rng.choices(WORDS, k=rng.randint(1, 12))),
+        }
+        for i in range(n)
+    ]
+
+
+def add_sft_dataset(ws: Workspace, n: int = 64, seed: int = 0):  # -> DatasetVersion
+    from evertune.data.store import add_files
+
+    path = ws.root / f"train-{n}-{seed}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(n, seed)), "utf-8")
+    result = add_files(ws, [path])
+    (version,) = [v for v in result.versions if v.kind == "sft"]
+    return version
+
+
+@pytest.fixture
+def sft_dataset(workspace: Workspace):
+    """An SFT dataset version of 64 records in the `workspace` (about 50 in its train split)."""
+    return add_sft_dataset(workspace)
+
+
+@pytest.fixture
+def run_inline() -> Callable[..., object]:
+    """Run a queued job's recipe in this process (as the child would): returns the SftResult."""
+    from evertune.training.jobs import transition
+    from evertune.training.sft import run_sft
+
+    def run(ws: Workspace, job_id: str):
+        transition(ws, job_id, "running", message="Started in-process (test)")
+        return run_sft(ws, job_id)
+
+    return run
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
