@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from evertune.generation import generate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    Loaded = tuple[PreTrainedModel, PreTrainedTokenizerBase]
 
 QUESTIONS = [
     "hi",
@@ -18,7 +24,7 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
+def model_and_tokenizer(tiny_model: Path) -> Loaded:
     """The tiny model with larger random weights, so greedy outputs differ by prompt.
 
     At its default init the tiny model is near-uniform and answers every prompt with the same
@@ -38,13 +44,14 @@ def model_and_tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def prompts(model_and_tokenizer) -> list[str]:  # type: ignore[no-untyped-def]
+def prompts(model_and_tokenizer: Loaded) -> list[str]:
     _, tok = model_and_tokenizer
-    return [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                    tokenize=False) for q in QUESTIONS]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                     tokenize=False) for q in QUESTIONS]
+    return [str(t) for t in texts]
 
 
-def test_batched_greedy_equals_one_by_one(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_batched_greedy_equals_one_by_one(model_and_tokenizer: Loaded, prompts: list[str]) -> None:
     model, tok = model_and_tokenizer
     batched = generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
     alone = [generate(model, tok, [p], max_new_tokens=12)[0] for p in prompts]
@@ -52,7 +59,7 @@ def test_batched_greedy_equals_one_by_one(model_and_tokenizer, prompts) -> None:
     assert len({g.text for g in batched}) > 1  # the outputs really depend on the prompt
 
 
-def test_usage_counts_and_max_new_tokens(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_usage_counts_and_max_new_tokens(model_and_tokenizer: Loaded, prompts: list[str]) -> None:
     model, tok = model_and_tokenizer
     for g, p in zip(generate(model, tok, prompts, max_new_tokens=7), prompts, strict=True):
         assert g.prompt_tokens == len(tok(p, add_special_tokens=False)["input_ids"])
@@ -62,7 +69,7 @@ def test_usage_counts_and_max_new_tokens(model_and_tokenizer, prompts) -> None: 
     assert generate(model, tok, [], max_new_tokens=3) == []
 
 
-def test_stop_string_cuts_the_text(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_stop_string_cuts_the_text(model_and_tokenizer: Loaded, prompts: list[str]) -> None:
     model, tok = model_and_tokenizer
     full = generate(model, tok, prompts, max_new_tokens=12)
     target = next(g for g in full if len(g.text) > 4)
@@ -74,7 +81,9 @@ def test_stop_string_cuts_the_text(model_and_tokenizer, prompts) -> None:  # typ
     assert cut[i].completion_tokens < target.completion_tokens or target.text.endswith(stop)
 
 
-def test_eos_stops_a_row_and_is_not_in_the_text(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_eos_stops_a_row_and_is_not_in_the_text(
+    model_and_tokenizer: Loaded, prompts: list[str]
+) -> None:
     import torch
 
     model, tok = model_and_tokenizer
@@ -97,7 +106,7 @@ def test_eos_stops_a_row_and_is_not_in_the_text(model_and_tokenizer, prompts) ->
     assert got.text == tok.decode(greedy[:stop_at], skip_special_tokens=True)  # ... not shown
 
 
-def test_sampling_is_seeded(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_sampling_is_seeded(model_and_tokenizer: Loaded, prompts: list[str]) -> None:
     model, tok = model_and_tokenizer
     a = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
     b = generate(model, tok, prompts, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
@@ -110,7 +119,7 @@ def test_sampling_is_seeded(model_and_tokenizer, prompts) -> None:  # type: igno
     assert [g.text for g in narrow] == [g.text for g in greedy]
 
 
-def test_bad_arguments(model_and_tokenizer, prompts) -> None:  # type: ignore[no-untyped-def]
+def test_bad_arguments(model_and_tokenizer: Loaded, prompts: list[str]) -> None:
     model, tok = model_and_tokenizer
     with pytest.raises(ValueError, match="top_p"):
         generate(model, tok, prompts, top_p=0)

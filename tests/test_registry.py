@@ -235,6 +235,44 @@ def test_report_as_a_model_dump_dict_and_lineage_with_a_parent(
     assert run.data.params["parent_version"] == "1"
 
 
+def test_an_eval_report_with_splits_uses_the_overall_verdict(reg: Registry, adapter: Path) -> None:
+    """The EvalReport shape: per-split means, an overall verdict covering every split."""
+
+    def split(name: str, cand: float, verdict: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "n_examples": 8,
+            "means": {
+                "candidate": {"rougeL": cand, "loss": 1.1, "json_valid": None},
+                "base": {"rougeL": 0.4, "loss": 1.6, "json_valid": None},
+            },
+            "gate": {"verdict": verdict, "reasons": [], "rules": []},
+        }
+
+    report = {
+        "id": "eval-20261122-120000-ab12cd",
+        "verdict": "fail",  # golden failed, although the main (test) split passed
+        "reasons": ["golden: rougeL: candidate 0.30 is worse than base 0.40"],
+        "splits": {"golden": split("golden", 0.30, "fail"), "test": split("test", 0.55, "pass")},
+    }
+    mv = reg.register_version(make_job("ftjob-e1", adapter), report, HISTORY)
+    assert (mv.gate, mv.stage) == ("fail", Stage.REJECTED)
+    assert mv.gate_reasons == report["reasons"]
+    assert mv.eval_report == "eval-20261122-120000-ab12cd"
+    assert mv.metrics == {
+        "rougeL": 0.55,  # the main split is "test"
+        "loss": 1.1,
+        "golden.rougeL": 0.30,
+        "golden.loss": 1.1,
+        "train_loss": pytest.approx(1.0),
+        "val_loss": 1.5,
+    }
+    metrics = reg.client.get_run(mv.run_id).data.metrics
+    assert metrics["eval.candidate.rougeL"] == 0.55 and metrics["eval.base.loss"] == 1.6
+    assert metrics["eval.golden.candidate.rougeL"] == 0.30
+    assert not any("json_valid" in k for k in metrics)  # None = not computable: not logged
+
+
 def test_a_job_without_a_result_cannot_be_registered(reg: Registry, tmp_path: Path) -> None:
     job = make_job("ftjob-x", tmp_path, result=None, status="failed")
     with pytest.raises(RegistryError, match="job ftjob-x has no result .status failed."):

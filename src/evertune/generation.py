@@ -82,6 +82,12 @@ def _batches(order: list[int], size: int) -> Iterator[list[int]]:
         yield order[start : start + size]
 
 
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence in, one string out
+    return text
+
+
 def _first_stop(text: str, stop: Sequence[str]) -> int | None:
     """Index of the earliest stop string in `text`, or None."""
     found = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -212,7 +218,7 @@ def generate(
                     if token in eos:
                         reason[r], finished_at[r] = "stop", now
                     elif stop:
-                        text = tokenizer.decode(generated[r], skip_special_tokens=True)
+                        text = _decode(tokenizer, generated[r])
                         at = _first_stop(text, stop)
                         if at is not None:
                             reason[r], finished_at[r], cut[r] = "stop", now, at
@@ -226,7 +232,7 @@ def generate(
             for r, i in enumerate(rows):
                 ids = generated[r]
                 body = ids[:-1] if ids and ids[-1] in eos else ids
-                text = tokenizer.decode(body, skip_special_tokens=True)
+                text = _decode(tokenizer, body)
                 if cut[r] is not None:
                     text = text[: cut[r]]
                 results[i] = Generation(

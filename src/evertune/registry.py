@@ -18,8 +18,8 @@ server at scale). One MLflow experiment and one registered model per workspace m
   `eval/report.json`, `config.json`;
 - a model version whose source is the run's `adapter/` artifact, with tags `approval_status`
   (PendingManualApproval | Approved | Rejected), `stage` (lifecycle.Stage), `gate`
-  (pass | fail | skipped), `gate_reasons`, `dataset`, `job`, `base_model`, `parent_version`,
-  `pipeline_run`, `metrics` (JSON of the candidate's means and final losses).
+  (pass | fail | skipped), `gate_reasons`, `eval_report`, `dataset`, `job`, `base_model`,
+  `parent_version`, `pipeline_run`, `metrics` (JSON of the candidate's means, final losses).
 
 The aliases `qa` and `prod` are the stage pointers serving follows; only `transition` moves
 them, so they always agree with the `stage` tags. Every registration and transition is also a
@@ -116,6 +116,7 @@ class ModelVersion:
     source: str  # artifact URI of the adapter folder
     description: str
     gate_reasons: list[str] = field(default_factory=list)
+    eval_report: str | None = None  # evaluation report id (.evertune/evals/<id>/)
     aliases: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # all raw MLflow tags
 
@@ -133,6 +134,7 @@ class ModelVersion:
             "approval_status": self.approval_status,
             "gate": self.gate,
             "gate_reasons": list(self.gate_reasons),
+            "eval_report": self.eval_report,
             "dataset": self.dataset,
             "job": self.job,
             "base_model": self.base_model,
@@ -185,7 +187,11 @@ class Registry:
     def client(self) -> MlflowClient:
         """The MLflow client (tracking and registry on the workspace's tracking URI)."""
         import logging
+        import os
 
+        # Self-hosted and often offline: MLflow sends no usage telemetry unless the user
+        # asked for it explicitly.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow import MlflowClient
 
         # MLflow logs "Creating initial MLflow database tables…" at INFO on a new SQLite store;
@@ -450,6 +456,9 @@ class Registry:
             "gate_reasons": json.dumps(reasons),
             "metrics": json.dumps(summary, sort_keys=True),
         }
+        report_id = _get(report, "id")
+        if report_id:
+            tags["eval_report"] = str(report_id)  # .evertune/evals/<id>/report.json
         text = description or _describe(job_id, lineage, verdict, reasons, summary)
 
         with _mlflow_errors(f"register job {job_id} as a version of {self.name!r}"):
@@ -777,6 +786,7 @@ def _parse_version(mv: MlflowModelVersion, aliases: list[str]) -> ModelVersion:
         source=mv.source or "",
         description=mv.description or "",
         gate_reasons=reasons,
+        eval_report=tags.get("eval_report"),
         aliases=sorted(aliases),
         tags=tags,
     )

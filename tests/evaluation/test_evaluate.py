@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from rich.console import Console
@@ -11,6 +12,11 @@ from rich.console import Console
 from evertune.errors import ConfigError
 from evertune.evaluation import ModelRef, evaluate_candidate, load_report, print_report
 from evertune.workspace import Workspace
+
+if TYPE_CHECKING:
+    from evertune.data.store import DatasetVersion
+
+    WithData = tuple[Workspace, DatasetVersion]
 
 TEAMS = ["billing", "shipping", "account", "technical", "returns"]
 ISSUES = ["my card was charged twice", "the package has not arrived", "I cannot log in",
@@ -37,12 +43,12 @@ def make_adapter(base: Path, out: Path, *, random_init: bool, seed: int = 0) -> 
     torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear",
                       init_lora_weights=not random_init)
-    get_peft_model(load_model(base), lora).save_pretrained(out)
+    get_peft_model(load_model(base), lora).save_pretrained(str(out))
     return out
 
 
 @pytest.fixture
-def ws_with_data(workspace: Workspace) -> tuple[Workspace, object]:
+def ws_with_data(workspace: Workspace) -> WithData:
     from evertune.data.store import add_files
 
     write_jsonl(workspace.root / "golden.jsonl", ticket_rows(3, offset=1000))
@@ -55,12 +61,16 @@ def ws_with_data(workspace: Workspace) -> tuple[Workspace, object]:
     return ws, result.versions[0]
 
 
-def test_evaluate_candidate_writes_a_gated_report(ws_with_data, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_candidate_writes_a_gated_report(
+    ws_with_data: WithData, tiny_model: Path, tmp_path: Path
+) -> None:
     ws, dataset = ws_with_data
     adapter = make_adapter(tiny_model, tmp_path / "cand", random_init=True)
     calls: list[tuple[str, int, int]] = []
-    report = evaluate_candidate(ws, ModelRef("cand-1", adapter=adapter), dataset,
-                                progress=lambda label, done, total: calls.append((label, done, total)))
+    report = evaluate_candidate(
+        ws, ModelRef("cand-1", adapter=adapter), dataset,
+        progress=lambda label, done, total: calls.append((label, done, total)),
+    )
 
     # Test split (at most eval.max_examples = 8) and golden set, candidate vs base.
     assert set(report.splits) == {"test", "golden"}
@@ -80,7 +90,8 @@ def test_evaluate_candidate_writes_a_gated_report(ws_with_data, tiny_model: Path
     # The gate ran the configured rules on both splits; reasons name split and metric.
     assert [r.metric for r in test.gate.rules] == [r.metric for r in ws.config.gate.rules]
     assert all(r.ci_low <= r.difference <= r.ci_high for r in test.gate.rules)
-    assert report.verdict == ("pass" if test.gate.verdict == golden.gate.verdict == "pass" else "fail")
+    both_pass = test.gate.verdict == golden.gate.verdict == "pass"
+    assert report.verdict == ("pass" if both_pass else "fail")
     assert len(report.reasons) == len(test.gate.reasons) + len(golden.gate.reasons)
     assert all(r.startswith("golden: ") for r in report.reasons[len(test.gate.reasons):])
     assert len(test.worst_regressions) <= 10
@@ -102,7 +113,9 @@ def test_evaluate_candidate_writes_a_gated_report(ws_with_data, tiny_model: Path
     assert f"gate: {report.verdict.upper()}" in text
 
 
-def test_unchanged_candidate_passes_against_prod(ws_with_data, tiny_model: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unchanged_candidate_passes_against_prod(
+    ws_with_data: WithData, tiny_model: Path, tmp_path: Path
+) -> None:
     ws, dataset = ws_with_data
     # A zero-initialised LoRA adapter computes exactly what the base model does.
     same = make_adapter(tiny_model, tmp_path / "same", random_init=False)
@@ -117,9 +130,53 @@ def test_unchanged_candidate_passes_against_prod(ws_with_data, tiny_model: Path,
     assert report.splits["test"].worst_regressions == []
 
 
-def test_rule_on_an_uncomputed_metric_fails_before_loading_models(ws_with_data) -> None:  # type: ignore[no-untyped-def]
+def test_rule_on_an_uncomputed_metric_fails_before_loading_models(ws_with_data: WithData) -> None:
     ws, dataset = ws_with_data
     ws = Workspace.open(ws.root, overrides=["gate.rules=[{metric: bleu, threshold: 0.1}]",
                                            "eval.metrics=[rouge]"])
     with pytest.raises(ConfigError, match="'bleu' is not computed"):
         evaluate_candidate(ws, ModelRef("cand", adapter=Path("/nonexistent")), dataset)
+
+
+def test_text_data_is_gated_on_loss_only(workspace: Workspace, tiny_model: Path,
+                                         tmp_path: Path) -> None:
+    from evertune.data.store import add_files
+
+    # No test split at all: the validation split stands in, with a note.
+    ws = Workspace.open(workspace.root, overrides=[
+        "data.split.train=0.5", "data.split.validation=0.5", "data.split.test=0.0",
+    ])
+    rows = [{"text": f"Ticket {i}: {ISSUES[i % len(ISSUES)]}, sent to {TEAMS[i % len(TEAMS)]}."}
+            for i in range(16)]
+    dataset = add_files(ws, [write_jsonl(ws.root / "notes.jsonl", rows)]).versions[0]
+    assert dataset.kind == "pretrain"
+    same = make_adapter(tiny_model, tmp_path / "same", random_init=False)
+    report = evaluate_candidate(ws, ModelRef("cand", adapter=same), dataset)
+    assert [r.metric for r in report.gate.rules] == ["loss"]
+    assert report.verdict == "pass"
+    assert any("validation split instead" in n for n in report.notes)
+    assert any("rules on embedding_cosine, rougeL skipped" in n for n in report.notes)
+    row = report.splits["test"].rows[0]
+    assert row.outputs["candidate"].text is None
+    assert row.outputs["candidate"].scores["loss"] is not None
+    assert row.outputs["candidate"].scores["rougeL"] is None
+
+
+def test_every_record_format_becomes_an_example(tiny_model: Path) -> None:
+    from evertune.evaluation.evaluate import _item
+    from evertune.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    chat = _item({"messages": [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello!"}]}, tok)
+    assert (chat.input, chat.expected, chat.generative) == ("Hi", "Hello!", True)
+    assert chat.prompt.endswith("<|im_start|>assistant\n") and "Be brief." in chat.prompt
+    io = _item({"input": "2+2?", "output": "4"}, tok)
+    assert (io.input, io.expected) == ("2+2?", "4") and "2+2?" in io.prompt
+    pc = _item({"prompt": "2+2=", "completion": "4"}, tok)
+    assert (pc.input, pc.prompt, pc.expected) == ("2+2=", "2+2=", "4")
+    pref = _item({"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."}, tok)
+    assert (pref.input, pref.expected, pref.generative) == ("Say hi", "Hi!", True)
+    text = _item({"text": "Some document."}, tok)
+    assert (text.prompt, text.expected, text.generative) == ("", "Some document.", False)

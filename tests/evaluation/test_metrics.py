@@ -20,7 +20,8 @@ from evertune.evaluation.metrics import (
 
 
 def test_rouge_exact_values_on_tiny_strings() -> None:
-    got = rouge(["the cat sat on the mat", "hello", "xyz"], ["the cat is on the mat", "hello", "abc"])
+    got = rouge(["the cat sat on the mat", "hello", "xyz"],
+                ["the cat is on the mat", "hello", "abc"])
     # 5 of 6 unigrams shared; bigrams the-cat, on-the, the-mat of 5; LCS "the cat on the mat".
     assert got["rouge1"] == pytest.approx([5 / 6, 1.0, 0.0])
     assert got["rouge2"] == pytest.approx([3 / 5, 0.0, 0.0])  # one word has no bigram

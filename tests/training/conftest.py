@@ -46,6 +46,12 @@ def sft_dataset(workspace: Workspace):
 
 
 @pytest.fixture
+def make_sft_dataset() -> Callable[..., object]:
+    """`make_sft_dataset(ws, n=64, seed=0)` → a DatasetVersion of `n` varied records."""
+    return add_sft_dataset
+
+
+@pytest.fixture
 def run_inline() -> Callable[..., object]:
     """Run a queued job's recipe in this process (as the child would): returns the SftResult."""
     from evertune.training.jobs import transition

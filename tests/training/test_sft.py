@@ -18,8 +18,6 @@ from evertune.training import jobs, sft
 from evertune.training.sft import collate, loss_sum, lr_at, plan_batches
 from evertune.workspace import Workspace
 
-from conftest import add_sft_dataset  # tests/training/conftest.py
-
 
 def capture_model(monkeypatch) -> list:
     """Keep a reference to the model the recipe builds (to inspect it after training)."""
@@ -142,10 +140,12 @@ def test_full_finetune_writes_a_loadable_model(workspace, sft_dataset, run_inlin
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_cancel_then_resume_continues_at_the_exact_step(workspace, run_inline, monkeypatch):
+def test_cancel_then_resume_continues_at_the_exact_step(
+    workspace, run_inline, make_sft_dataset, monkeypatch
+):
     """A job stopped mid-epoch 2 and resumed ends with the same weights as one never stopped."""
     ws = Workspace.open(workspace.root, ["train.n_epochs=2", "train.checkpoint_every=5"])
-    dataset = add_sft_dataset(ws, n=40)
+    dataset = make_sft_dataset(ws, n=40)
     straight = create_job(ws, dataset)
     run_inline(ws, straight.id)
 

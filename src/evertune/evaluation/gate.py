@@ -145,23 +145,19 @@ def _check_rule(
     finite = np.isfinite(cand) & np.isfinite(ref)
     cand, ref = cand[finite], ref[finite]
     lower = "" if rule.higher_is_better else " (lower is better)"
-    wanted: list[tuple[CheckName, float]] = [
-        (name, value)
-        for name, value in (
-            ("threshold", rule.threshold),
-            ("min_absolute_change", rule.min_absolute_change),
-            ("min_relative_change", rule.min_relative_change),
-            ("non_inferiority", rule.non_inferiority_margin),
-        )
-        if value is not None
-    ]
     if cand.size == 0:
+        wanted: dict[CheckName, float | None] = {
+            "threshold": rule.threshold,
+            "min_absolute_change": rule.min_absolute_change,
+            "min_relative_change": rule.min_relative_change,
+            "non_inferiority": rule.non_inferiority_margin,
+        }
         empty = f"{m}: no example has a finite {m} for both models; nothing to compare"
-        checks = [CheckResult(name=name, required=value, observed=None, passed=False, reason=empty)
-                  for name, value in wanted]
+        failed = [CheckResult(name=name, required=value, observed=None, passed=False, reason=empty)
+                  for name, value in wanted.items() if value is not None]
         return RuleResult(metric=m, higher_is_better=rule.higher_is_better, n=0,
                           candidate_mean=None, reference_mean=None, difference=None,
-                          ci_low=None, ci_high=None, passed=not checks, checks=checks)
+                          ci_low=None, ci_high=None, passed=not failed, checks=failed)
 
     diff, low, high = paired_bootstrap_ci(cand, ref, confidence=confidence, samples=samples,
                                           seed=seed)
