@@ -533,8 +533,8 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
         for epoch in range(start_epoch, t.n_epochs):
             batches = plan_batches(lengths, t.batch_size, t.batching, t.seed, epoch)
             assert len(batches) == steps_per_epoch, "the batch plan changed under a resumed job"
-            skip, next_batch = next_batch, 0  # batches a resumed job already trained on
-            for b in range(skip, len(batches)):
+            # A resumed job skips the batches of this epoch it already trained on.
+            for b in range(next_batch, len(batches)):
                 if cancel_requested(ws, job.id):
                     raise _Stop("cancelled")
                 lr = lr_at(step, total_steps, t.warmup_steps, t.learning_rate)
@@ -589,6 +589,7 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
                     last = {**last, **evaluate()}
                 if step % t.checkpoint_every == 0 and step < total_steps:
                     checkpoint(last)
+            next_batch = 0
     except _Stop:
         # Keep what was learned since the last checkpoint, so resume_job loses nothing.
         newest = newest_checkpoint(folder)
