@@ -26,7 +26,7 @@ from evertune.errors import EvertuneError
 if TYPE_CHECKING:
     from evertune.workspace import Workspace
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(

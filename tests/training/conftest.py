@@ -5,16 +5,41 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from evertune.workspace import Workspace
 
-WORDS = (
-    "please route this support ticket to the right team billing shipping account technical "
-    "returns my card was charged twice for the same order and I want a refund"
-).split()
+WORDS = [
+    "please",
+    "route",
+    "this",
+    "support",
+    "ticket",
+    "to",
+    "the",
+    "right",
+    "team",
+    "billing",
+    "shipping",
+    "account",
+    "technical",
+    "returns",
+    "my",
+    "card",
+    "was",
+    "charged",
+    "twice",
+    "for",
+    "the",
+    "same",
+    "order",
+    "and",
+    "I",
+    "want",
+    "a",
+    "refund",
+]
 
 
 def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -62,7 +87,3 @@ def run_inline() -> Callable[..., object]:
         return run_sft(ws, job_id)
 
     return run
-
-
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,6 +1,6 @@
 """The job record and its lifecycle, without training anything.
 
-    pytest tests/training/test_jobs.py
+pytest tests/training/test_jobs.py
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ import pytest
 from evertune.errors import DataError, JobError, NotFoundError
 from evertune.training import (
     TRANSITIONS,
+    backends,
     cancel_job,
     create_job,
     get_job,
+    jobs,
     list_events,
     list_jobs,
     resume_job,
     start_job,
     wait_job,
 )
-from evertune.training import backends, jobs
 from evertune.workspace import Workspace
 
 
@@ -59,7 +60,9 @@ def test_create_job_is_idempotent_per_run_id(workspace, sft_dataset):
 
 def test_create_job_refuses_unusable_datasets(workspace, sft_dataset):
     with pytest.raises(DataError, match="no training examples"):
-        create_job(workspace, dataclasses.replace(sft_dataset, counts={**sft_dataset.counts, "train": 0}))
+        create_job(
+            workspace, dataclasses.replace(sft_dataset, counts={**sft_dataset.counts, "train": 0})
+        )
     with pytest.raises(DataError, match="train.method"):
         create_job(workspace, dataclasses.replace(sft_dataset, kind="dpo"))
     dpo_ws = Workspace.open(workspace.root, ["train.method=dpo"])
@@ -70,7 +73,9 @@ def test_create_job_refuses_unusable_datasets(workspace, sft_dataset):
 
 def test_illegal_transitions_name_the_allowed_ones(workspace, sft_dataset):
     job = create_job(workspace, sft_dataset)
-    with pytest.raises(JobError, match=r"queued; it cannot become succeeded.*cancelled, failed, running"):
+    with pytest.raises(
+        JobError, match=r"queued; it cannot become succeeded.*cancelled, failed, running"
+    ):
         jobs.transition(workspace, job.id, "succeeded")
     jobs.transition(workspace, job.id, "running")
     jobs.transition(workspace, job.id, "succeeded", result={"path": "/x", "kind": "lora"})
@@ -95,10 +100,16 @@ def test_cancel_a_job_that_never_started(workspace, sft_dataset, monkeypatch):
         cancel_job(workspace, job.id)
     # resume = queued again, then started on the backend
     started = []
-    monkeypatch.setattr(backends.LocalBackend, "start", lambda self, ws, j, folder: started.append(j.id) or (None, "h"))
+    monkeypatch.setattr(
+        backends.LocalBackend,
+        "start",
+        lambda self, ws, j, folder: started.append(j.id) or (None, "h"),
+    )
     job = resume_job(workspace, job.id)
     assert started == [job.id] and job.status == "running" and job.error is None
-    assert json.loads((jobs.job_dir(workspace, job.id) / "job.json").read_text())["job_id"] == job.id
+    assert (
+        json.loads((jobs.job_dir(workspace, job.id) / "job.json").read_text())["job_id"] == job.id
+    )
     assert "Job resumed from the start" in [e.message for e in list_events(workspace, job.id)][-2]
 
 
@@ -121,7 +132,9 @@ def test_wait_times_out_and_refuses_a_job_nobody_started(workspace, sft_dataset,
     job = create_job(workspace, sft_dataset)
     with pytest.raises(JobError, match="never started"):
         wait_job(workspace, job.id)
-    monkeypatch.setattr(backends.LocalBackend, "start", lambda self, ws, j, folder: (None, "elsewhere"))
+    monkeypatch.setattr(
+        backends.LocalBackend, "start", lambda self, ws, j, folder: (None, "elsewhere")
+    )
     start_job(workspace, job.id)
     with pytest.raises(JobError, match="still running after"):
         wait_job(workspace, job.id, poll=0.01, timeout=0.05)

@@ -1,6 +1,6 @@
 """The SFT recipe in this process on the tiny model: masking, LoRA, full weights, resume, parent.
 
-    pytest tests/training/test_sft.py
+pytest tests/training/test_sft.py
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ import torch
 
 from evertune.data.templating import IGNORE_INDEX, to_example, tokenize_example
 from evertune.models import load_model, load_tokenizer
-from evertune.training import create_job, get_job, list_checkpoints, list_events, list_metrics
-from evertune.training import jobs, sft
+from evertune.training import (
+    create_job,
+    get_job,
+    jobs,
+    list_checkpoints,
+    list_events,
+    list_metrics,
+    sft,
+)
 from evertune.training.sft import collate, loss_sum, lr_at, plan_batches
 from evertune.workspace import Workspace
 
@@ -37,15 +44,20 @@ def test_prompt_is_masked_and_padding_is_not_learned(tiny_model):
     tok = load_tokenizer(tiny_model)
     examples = [
         tokenize_example(to_example({"input": q, "output": a}, tok), tok, 128, False)
-        for q, a in [("billing or shipping?", "billing"), ("my card was charged twice", "refund the order")]
+        for q, a in [
+            ("billing or shipping?", "billing"),
+            ("my card was charged twice", "refund the order"),
+        ]
     ]
     batch = collate(examples, tok.pad_token_id)
     for row, ex in enumerate(examples):
         n_prompt = ex.labels.count(IGNORE_INDEX)
-        assert n_prompt > 0 and all(label == IGNORE_INDEX for label in batch["labels"][row, :n_prompt])
+        assert n_prompt > 0 and all(
+            label == IGNORE_INDEX for label in batch["labels"][row, :n_prompt]
+        )
         assert batch["labels"][row, len(ex.input_ids) - 1] == tok.eos_token_id  # EOS is learned
-        assert (batch["labels"][row, len(ex.input_ids):] == IGNORE_INDEX).all()  # padding is not
-        assert (batch["attention_mask"][row, len(ex.input_ids):] == 0).all()
+        assert (batch["labels"][row, len(ex.input_ids) :] == IGNORE_INDEX).all()  # padding is not
+        assert (batch["attention_mask"][row, len(ex.input_ids) :] == 0).all()
     assert batch["attention_mask"].sum() == sum(len(e.input_ids) for e in examples)
 
     model = load_model(tiny_model)
@@ -118,14 +130,16 @@ def test_lora_changes_the_adapter_and_leaves_base_weights_bit_identical(
     assert [r["step"] for r in train_rows] == list(range(1, steps + 1))  # log_every = 1
     assert all(r["total_steps"] == steps and r["tokens_per_s"] > 0 for r in train_rows)
     val = [r for r in rows if "val_loss" in r]
-    assert len(val) == 1 and val[0]["val_perplexity"] == pytest.approx(2.718281828 ** val[0]["val_loss"])
+    assert len(val) == 1 and val[0]["val_perplexity"] == pytest.approx(
+        2.718281828 ** val[0]["val_loss"]
+    )
     # checkpoint_every = 2, keep_checkpoints = 2: the two newest before the end remain
     kept = [c.step_number for c in list_checkpoints(workspace, job.id)]
     last_even = (steps - 1) // 2 * 2
     assert kept == [last_even, last_even - 2]
-    assert sorted(p.name for p in (jobs.job_dir(workspace, job.id) / "checkpoints").iterdir()) == sorted(
-        f"step-{s}" for s in kept
-    )
+    assert sorted(
+        p.name for p in (jobs.job_dir(workspace, job.id) / "checkpoints").iterdir()
+    ) == sorted(f"step-{s}" for s in kept)
 
 
 def test_full_finetune_writes_a_loadable_model(workspace, sft_dataset, run_inline):
@@ -178,14 +192,17 @@ def test_cancel_then_resume_continues_at_the_exact_step(
     assert "Resumed from checkpoint step 13" in " ".join(e.message for e in list_events(ws, job.id))
 
 
-def test_parent_continues_from_the_parent_adapter(workspace, sft_dataset, run_inline, tiny_model, monkeypatch):
+def test_parent_continues_from_the_parent_adapter(
+    workspace, sft_dataset, run_inline, tiny_model, monkeypatch
+):
     from peft import LoraConfig, get_peft_model
 
     # A parent adapter with a rank the config does not use and non-zero B weights, so it is
     # unmistakably not a fresh adapter.
     torch.manual_seed(1)
     parent = get_peft_model(
-        load_model(tiny_model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        load_model(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     with torch.no_grad():
         for name, p in parent.named_parameters():
@@ -207,7 +224,9 @@ def test_parent_continues_from_the_parent_adapter(workspace, sft_dataset, run_in
     real_optimizer = torch.optim.AdamW
 
     def snapshot_then_adamw(params, **kw):  # runs after the model is built, before step 1
-        start_weights.update({k: v.detach().clone() for k, v in built[0].state_dict().items() if "lora_" in k})
+        start_weights.update(
+            {k: v.detach().clone() for k, v in built[0].state_dict().items() if "lora_" in k}
+        )
         return real_optimizer(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", snapshot_then_adamw)
