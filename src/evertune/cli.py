@@ -437,6 +437,43 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
         console.print(v.description)
 
 
+# -- processes -----------------------------------------------------------------------------
+@app.command()
+def up(
+    host: str = typer.Option(None, "--host", help="Bind address (default: server.host)."),
+    port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Run everything on one port: control API, pipeline runtime, bucket watcher, serving."""
+    ws = _open(sets)
+    _quiet_libraries()
+    from evertune import server
+
+    h, p = host or ws.config.server.host, port or ws.config.server.port
+    console.print(f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url} — http://{h}:{p}  (Ctrl-C stops)")
+    server.run(ws, host=h, port=p)
+
+
+@app.command()
+def serve(
+    stage: list[str] = typer.Option(["prod"], "--stage", help="Stage(s) to serve: prod, qa (repeatable)."),
+    host: str = typer.Option(None, "--host", help="Bind address (default: server.host)."),
+    port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
+    sets: list[str] = SetOpt,
+) -> None:
+    """Serving only (OpenAI-compatible /v1 + /metrics); follows the stage aliases as they move."""
+    ws = _open(sets)
+    bad = [s for s in stage if s not in ("prod", "qa")]
+    if bad:
+        raise typer.BadParameter(f"unknown stage(s) {', '.join(bad)}; use prod and/or qa", param_hint="--stage")
+    _quiet_libraries()
+    from evertune import server
+
+    h, p = host or ws.config.server.host, port or ws.config.server.port
+    console.print(f"Evertune serve ({', '.join(stage)}): http://{h}:{p}/v1  (Ctrl-C stops)")
+    server.run(ws, host=h, port=p, control=False, stages=tuple(stage))
+
+
 def main() -> None:
     """Entry point: run the app; print Evertune errors as messages, not tracebacks."""
     try:

@@ -154,6 +154,54 @@ class StorageArgs(_Args):
     """SQLAlchemy URL of the state DB; default: SQLite file .evertune/state.db."""
 
 
+class TriggerArgs(_Args):
+    prefix: str = "raw-data/"
+    """New objects under this bucket prefix start pipeline runs."""
+    poll_seconds: float = Field(1.0, gt=0)
+    settle_seconds: float = Field(2.0, ge=0)
+    """A local file is picked up only once its size and mtime were unchanged this long."""
+    feedback_starts_runs: bool = False
+    """Whether feedback records (bucket prefix feedback/) also start runs."""
+
+
+class SystemTestArgs(_Args):
+    max_prompts: int = Field(8, ge=1)
+    """Smoke prompts from the test split and golden set, run against the QA model."""
+    max_new_tokens: int = Field(32, ge=1)
+    latency_budget_s: float = Field(30.0, gt=0)
+    """Each smoke prompt must complete within this many seconds."""
+
+
+class DeployArgs(_Args):
+    auto_promote: bool = True
+    """true: QA → PROD as soon as the system tests pass; false: wait for `evertune promote`."""
+    system_tests: SystemTestArgs = SystemTestArgs()
+
+
+class ServeArgs(_Args):
+    engine: Literal["transformers", "vllm"] = "transformers"
+    merge_adapters: bool = True
+    """Merge LoRA adapters into a copy of the base weights (faster) instead of applying them per call."""
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
+    """How long the batcher waits for more concurrent requests before running a batch."""
+    max_tokens_limit: int = Field(1024, ge=1)
+    request_log_sample: float = Field(1.0, ge=0, le=1)
+    """Share of requests whose prompt and completion go to the request log (redacted)."""
+    follow_seconds: float = Field(1.0, gt=0)
+    """How often a serving process checks whether the qa/prod aliases moved."""
+
+
+class ServerArgs(_Args):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class NotifyArgs(_Args):
+    webhook_url: str | None = None
+    """POSTed a JSON event when a version is registered and when a run fails."""
+
+
 class Config(_Args):
     model: ModelArgs = ModelArgs()
     data: DataArgs = DataArgs()
@@ -162,6 +210,11 @@ class Config(_Args):
     gate: GateArgs = GateArgs()
     registry: RegistryArgs = RegistryArgs()
     storage: StorageArgs = StorageArgs()
+    trigger: TriggerArgs = TriggerArgs()
+    deploy: DeployArgs = DeployArgs()
+    serve: ServeArgs = ServeArgs()
+    server: ServerArgs = ServerArgs()
+    notify: NotifyArgs = NotifyArgs()
 
 
 def default_config_text() -> str:

@@ -20,8 +20,8 @@ Lifecycle (anything else raises JobError naming the allowed moves):
 
 The training child owns `running → succeeded | failed | cancelled`; the caller owns the rest.
 A child that dies without saying so (kill -9, OOM killer, reboot) is noticed by `wait_job`,
-`get_job(..., check_alive=True)` callers and `resume_job`, which mark it `failed` with code
-`process_died`.
+`cancel_job`, `resume_job` and `check_alive`, which mark it `failed` with code
+`process_died` and say how to resume it.
 """
 
 from __future__ import annotations

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # labels PyTorch's cross-entropy skips: prompt tokens and padding
 VAL_MAX_EXAMPLES = 512  # validation loss runs often; a bounded sample keeps it cheap
 RESULT_META = "evertune_job.json"
+# Seconds to sleep after each step. Tests only: the tiny model trains faster than a test can
+# cancel or kill it mid-run; a real job never sets it.
+TEST_STEP_DELAY_ENV = "EVERTUNE_TEST_STEP_DELAY_S"
 
 
 class _Stop(Exception):
@@ -394,9 +397,7 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
     cfg = Config.model_validate(job.config)
     t = cfg.train
     folder = job_dir(ws, job.id)
-    step_delay = float(
-        os.environ.get("EVERTUNE_TEST_STEP_DELAY_S", "0") or 0
-    )  # tests only, see _step_delay
+    step_delay = float(os.environ.get(TEST_STEP_DELAY_ENV) or 0)
 
     # -- setup: threads and seeds -----------------------------------------------------------
     if t.threads > 0:
