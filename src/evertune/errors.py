@@ -12,7 +12,8 @@ the message of any `EvertuneError` without a traceback and exits with status 1 (
     ├── JobError               a job cannot do what was asked (cancel a finished job, …)
     ├── LifecycleError         an illegal model-version transition (lists the allowed ones)
     ├── ModelError             a base model cannot be resolved or loaded
-    └── RegistryError          the model registry refused an operation
+    ├── RegistryError          the model registry refused an operation
+    └── PermissionDenied       a token's role may not do this (or the token is not valid)
 """
 
 from __future__ import annotations
@@ -62,3 +63,12 @@ class ModelError(EvertuneError):
 
 class RegistryError(EvertuneError):
     pass
+
+
+class PermissionDenied(EvertuneError):
+    """The caller's token may not do this; the message names the token, its role and who can.
+
+    The control API answers 403 (401 for `auth.InvalidToken`, a subclass: no valid token at all).
+    """
+
+    exit_code = 3

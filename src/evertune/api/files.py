@@ -1,0 +1,157 @@
+"""Uploaded training files (OpenAI `POST /v1/files`, purpose `fine-tune`), validated on arrival.
+
+    obj = store_upload(ws, "tickets.jsonl", fileobj, "fine-tune")   # FileObject, or ApiError 400
+    file_path(ws, obj.id)                                           # the stored copy
+    list_files(ws); get_file(ws, "file-…")
+
+Layout: `.evertune/files/<file-id>/{meta.json, <safe filename>}`. A file is checked the way the
+DataPreprocessing step will read it (`data.validate.validate_file` with the base model's
+tokenizer and the workspace's `data` limits) and refused as a whole when any row is bad, as
+the OpenAI API refuses a training file: the 400 names the lines, fields and reasons, so the
+person fixes the file before a run is ever started.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Literal
+
+from pydantic import BaseModel
+
+from evertune.api.errors import ApiError
+from evertune.errors import DataError
+
+if TYPE_CHECKING:
+    from evertune.workspace import Workspace
+
+FILES_DIR = "files"  # under ws.state_dir
+PURPOSES = ("fine-tune",)
+MAX_SHOWN_PROBLEMS = 10  # rows listed in a refusal; the count says how many more
+_CHUNK = 1 << 20
+_ID = re.compile(r"file-[0-9a-f]{24}")
+
+
+class FileObject(BaseModel):
+    """The OpenAI file object."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+    # Evertune extras (OpenAI clients ignore unknown fields): what validation found.
+    format: str | None = None
+    rows: int | None = None
+
+
+def safe_filename(name: str | None) -> str:
+    """The upload's base name with only [A-Za-z0-9._-]; never a path, never hidden."""
+    base = Path((name or "").replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")
+    return base[:128] or "upload.jsonl"
+
+
+def store_upload(
+    ws: Workspace, filename: str | None, stream: IO[bytes], purpose: str
+) -> FileObject:
+    """Save and validate an upload; ApiError 400 (file kept nowhere) when it cannot train."""
+    if purpose not in PURPOSES:
+        raise ApiError(400, f"purpose {purpose!r} is not supported; Evertune accepts training "
+                       "files only: purpose 'fine-tune'", param="purpose", code="invalid_purpose")
+    name = safe_filename(filename)
+    file_id = "file-" + secrets.token_hex(12)
+    folder = ws.state_dir / FILES_DIR / file_id
+    folder.mkdir(parents=True)
+    path = folder / name
+    limit = int(ws.config.data.max_file_mb * 1024 * 1024)
+    try:
+        size = _copy(stream, path, limit, name)
+        fmt, rows = _validate(ws, path, name)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=name,
+                     purpose=purpose, format=fmt, rows=rows)
+    (folder / "meta.json").write_text(obj.model_dump_json(indent=2), "utf-8")
+    return obj
+
+
+def _copy(stream: IO[bytes], path: Path, limit: int, name: str) -> int:
+    size = 0
+    with path.open("wb") as out:
+        while chunk := stream.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"{name} is over data.max_file_mb={limit / 2**20:g} MB; split "
+                               "it into several files", param="file", code="file_too_large")
+            out.write(chunk)
+    if size == 0:
+        raise ApiError(400, f"{name} is empty; upload a JSON Lines file with one record per line",
+                       param="file", code="invalid_file")
+    return size
+
+
+def _validate(ws: Workspace, path: Path, name: str) -> tuple[str, int]:
+    from evertune import steps
+    from evertune.data.validate import validate_file
+
+    cfg = ws.config.data
+    try:
+        result = validate_file(path, max_file_mb=cfg.max_file_mb, max_row_kb=cfg.max_row_kb,
+                               tokenizer=steps.base_tokenizer(ws), max_seq_len=cfg.max_seq_len,
+                               overlong=cfg.overlong)
+    except DataError as exc:
+        # The message names our stored copy; the person knows the file by its upload name.
+        raise ApiError(400, str(exc).replace(str(path), name), param="file",
+                       code="invalid_file") from None
+    if result.rejects:
+        shown = "; ".join(f"line {r.line}: {r.field or 'row'}: {r.reason}"
+                          for r in result.rejects[:MAX_SHOWN_PROBLEMS])
+        more = len(result.rejects) - MAX_SHOWN_PROBLEMS
+        extra = f"; and {more} more problem(s)" if more > 0 else ""
+        raise ApiError(
+            400,
+            f"{name} has {result.rejected_rows} invalid row(s) of {result.rows} "
+            f"({result.format} format): {shown}{extra}. Fix them and upload the file again",
+            param="file", code="invalid_file",
+        )
+    return result.format, result.rows
+
+
+def _folder(ws: Workspace, file_id: str) -> Path:
+    # The id becomes a path: accept only the exact shape we mint (no traversal possible).
+    folder = ws.state_dir / FILES_DIR / file_id
+    if not _ID.fullmatch(file_id) or not (folder / "meta.json").is_file():
+        raise ApiError(404, f"no such file: {file_id!r} (upload one with POST /v1/files)",
+                       param="file_id", code="file_not_found")
+    return folder
+
+
+def get_file(ws: Workspace, file_id: str) -> FileObject:
+    """The stored file object; ApiError 404 for an unknown id."""
+    return FileObject.model_validate(json.loads((_folder(ws, file_id) / "meta.json").read_text()))
+
+
+def file_path(ws: Workspace, file_id: str) -> Path:
+    """The stored copy of an uploaded file."""
+    obj = get_file(ws, file_id)
+    return _folder(ws, file_id) / obj.filename
+
+
+def list_files(ws: Workspace) -> list[FileObject]:
+    """Every uploaded file, newest first."""
+    root = ws.state_dir / FILES_DIR
+    if not root.is_dir():
+        return []
+    objs = [FileObject.model_validate(json.loads(p.read_text()))
+            for p in root.glob("file-*/meta.json")]
+    return sorted(objs, key=lambda o: (o.created_at, o.id), reverse=True)

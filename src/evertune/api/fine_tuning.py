@@ -1,0 +1,370 @@
+"""The OpenAI fine-tuning API over Evertune's pipeline, so the official `openai` client works.
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="evt_…")   # an operator token
+    f = client.files.create(file=open("tickets.jsonl", "rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=f.id, model="evertune",
+                                         hyperparameters={"n_epochs": 2})
+    client.fine_tuning.jobs.retrieve(job.id).status      # queued → running → succeeded
+    client.fine_tuning.jobs.list_events(job.id)
+    client.fine_tuning.jobs.cancel(job.id)
+
+Routes: `POST /v1/files` (multipart, purpose fine-tune), `GET /v1/files[/{id}]`,
+`POST /v1/fine_tuning/jobs`, `GET /v1/fine_tuning/jobs[/{id}]`, `…/{id}/events`,
+`…/{id}/checkpoints`, `POST …/{id}/cancel`.
+
+A job created here runs through the same pipeline as a bucket drop: the file becomes a dataset
+version (`steps.preprocess`), the job is created keyed by a new run id
+(`create_job(ws, dataset, run_id=…)`), and `pipeline.start_run(ws, {"source": "api", …})`
+queues the durable run, whose FineTuning step finds that job by its run id, then evaluates and
+registers the result like any other. `model` may be the workspace model name (or the base
+model spec): train from the base; or `NAME@vN` / `NAME@prod`: continue from that version.
+Once registered, `fine_tuned_model` is `NAME@vN`, the name serving answers to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from evertune.api import files as file_store
+from evertune.api.errors import ApiError, ErrorRoute
+from evertune.api.security import Auth
+from evertune.auth import Principal
+from evertune.errors import ConfigError, DataError, EvertuneError
+
+if TYPE_CHECKING:
+    from evertune.training.jobs import Job
+    from evertune.workspace import Workspace
+
+StartRun = Callable[["Workspace", dict[str, Any]], str]
+MAX_LIST = 100  # OpenAI's page limit
+
+
+class Hyperparameters(BaseModel):
+    """OpenAI's supervised hyperparameters; "auto" means the workspace's configured value."""
+
+    # A misspelt hyperparameter must not be silently ignored: refuse unknown keys.
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Literal["auto"] | None = Field(None, ge=1, le=1000)
+    batch_size: int | Literal["auto"] | None = Field(None, ge=1, le=4096)
+    learning_rate_multiplier: float | Literal["auto"] | None = Field(None, gt=0, le=100)
+
+
+class Method(BaseModel):
+    """OpenAI's `method` object: {"type": "supervised", "supervised": {"hyperparameters": …}}."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
+    supervised: dict[str, Any] | None = None
+
+
+class CreateJobRequest(BaseModel):
+    """`POST /v1/fine_tuning/jobs`; fields OpenAI may add later are ignored, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    training_file: str
+    model: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    validation_file: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ListPage(BaseModel):
+    """An OpenAI list page."""
+
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIRouter:
+    """The `/v1/files` and `/v1/fine_tuning` routes for `ws`.
+
+    `start_run` queues the pipeline run (default: `evertune.pipeline.start_run`, imported on
+    first use so this module stays light); tests pass a recorder.
+    """
+    router = APIRouter(prefix="/v1", tags=["openai fine-tuning"], route_class=ErrorRoute)
+    needs = Auth(ws)
+
+    def _start(trigger: dict[str, Any]) -> str:
+        if start_run is not None:
+            return start_run(ws, trigger)
+        from evertune import pipeline
+
+        return pipeline.start_run(ws, trigger)
+
+    # -- files ---------------------------------------------------------------------------
+    @router.post("/files", response_model=file_store.FileObject)
+    def create_file(
+        file: UploadFile = File(...),  # noqa: B008
+        purpose: str = Form(...),
+        _: Principal = Depends(needs("data")),  # noqa: B008
+    ) -> file_store.FileObject:
+        """Upload a JSON Lines training file (purpose `fine-tune`); bad rows → 400 naming them."""
+        return file_store.store_upload(ws, file.filename, file.file, purpose)
+
+    @router.get("/files", response_model=ListPage)
+    def list_files(
+        purpose: str | None = None, _: Principal = Depends(needs("read"))  # noqa: B008
+    ) -> ListPage:
+        objs = [o for o in file_store.list_files(ws) if purpose is None or o.purpose == purpose]
+        return ListPage(data=[o.model_dump() for o in objs])
+
+    @router.get("/files/{file_id}", response_model=file_store.FileObject)
+    def retrieve_file(
+        file_id: str, _: Principal = Depends(needs("read"))  # noqa: B008
+    ) -> file_store.FileObject:
+        return file_store.get_file(ws, file_id)
+
+    # -- jobs ----------------------------------------------------------------------------
+    @router.post("/fine_tuning/jobs")
+    def create_job(
+        body: CreateJobRequest,
+        idempotency_key: str | None = Header(None),
+        me: Principal = Depends(needs("jobs")),  # noqa: B008
+    ) -> dict[str, Any]:
+        """Create a fine-tuning job from an uploaded file and queue its pipeline run."""
+        from evertune import steps
+        from evertune.training import jobs
+        from evertune.workspace import Workspace
+
+        if body.validation_file:
+            raise ApiError(400, "validation_file is not supported: Evertune splits the training "
+                           "file into train/validation/test by content hash (data.split); "
+                           "leave it out", param="validation_file", code="unsupported")
+        path = _training_file(ws, body.training_file)
+        overrides = _overrides(ws, body)
+        parent = _parent(ws, body.model)
+        try:
+            job_ws = Workspace.open(ws.root, [*ws.overrides, *overrides]) if overrides else ws
+        except ConfigError as exc:
+            raise ApiError(400, f"hyperparameters: {'; '.join(exc.problems)}",
+                           param="hyperparameters", code="invalid_hyperparameters") from None
+        # A retried request with the same Idempotency-Key maps to the same run, job and
+        # dataset (each is idempotent in its key), so a client retry never trains twice.
+        if idempotency_key:
+            run_id = "run-api-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
+        else:
+            run_id = "run-api-" + secrets.token_hex(8)
+        try:
+            added = steps.preprocess(job_ws, [path])
+        except DataError as exc:
+            raise ApiError(400, str(exc).replace(str(path), path.name), param="training_file",
+                           code="invalid_file") from None
+        dataset = _pick_dataset(added.versions, job_ws.config.train.method, body.training_file)
+        job = jobs.create_job(job_ws, dataset, parent=parent, run_id=run_id)
+        trigger: dict[str, Any] = {
+            "source": "api", "run_id": run_id, "file": str(path), "dataset": dataset.id,
+            "overrides": overrides, "file_id": body.training_file, "actor": me.name,
+        }
+        if body.suffix:
+            trigger["suffix"] = body.suffix
+        try:
+            _start(trigger)
+        except EvertuneError as exc:
+            if not job.finished:
+                jobs.fail_job(ws, job.id, "start_failed", f"the pipeline run did not start: {exc}")
+            raise ApiError(503, f"job {job.id} was created but its pipeline run could not be "
+                           f"queued: {exc}", code="pipeline_unavailable",
+                           type="server_error") from None
+        return _job_out(ws, jobs.get_job(ws, job.id))
+
+    @router.get("/fine_tuning/jobs", response_model=ListPage)
+    def list_jobs(
+        after: str | None = None,
+        limit: int = Query(20, ge=1, le=MAX_LIST),
+        _: Principal = Depends(needs("read")),  # noqa: B008
+    ) -> ListPage:
+        from evertune.training import jobs
+
+        all_jobs = jobs.list_jobs(ws, limit=100_000)
+        page, more = _page(all_jobs, after, limit, "job")
+        versions = _versions_by_job(ws) if any(j.status == "succeeded" for j in page) else {}
+        return _list([_job_out(ws, j, versions) for j in page], more)
+
+    @router.get("/fine_tuning/jobs/{job_id}")
+    def retrieve_job(
+        job_id: str, _: Principal = Depends(needs("read"))  # noqa: B008
+    ) -> dict[str, Any]:
+        from evertune.training import jobs
+
+        return _job_out(ws, jobs.get_job(ws, job_id))
+
+    @router.get("/fine_tuning/jobs/{job_id}/events", response_model=ListPage)
+    def list_events(
+        job_id: str,
+        after: str | None = None,
+        limit: int = Query(20, ge=1, le=MAX_LIST),
+        _: Principal = Depends(needs("read")),  # noqa: B008
+    ) -> ListPage:
+        from evertune.training import jobs
+
+        jobs.get_job(ws, job_id)  # 404 for an unknown job rather than an empty list
+        events = list(reversed(jobs.list_events(ws, job_id)))  # OpenAI lists newest first
+        page, more = _page(events, after, limit, "event")
+        data = [{**e.model_dump(mode="json"), "created_at": int(e.created_at)} for e in page]
+        return _list(data, more)
+
+    @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=ListPage)
+    def list_checkpoints(
+        job_id: str,
+        after: str | None = None,
+        limit: int = Query(10, ge=1, le=MAX_LIST),
+        _: Principal = Depends(needs("read")),  # noqa: B008
+    ) -> ListPage:
+        from evertune.training import jobs
+
+        jobs.get_job(ws, job_id)
+        page, more = _page(jobs.list_checkpoints(ws, job_id), after, limit, "checkpoint")
+        name = ws.config.model.name
+        data = [
+            {
+                "id": c.id,
+                "object": c.object,
+                "created_at": int(c.created_at),
+                "fine_tuning_job_id": c.fine_tuning_job_id,
+                "fine_tuned_model_checkpoint": f"{name}@{job_id}:step-{c.step_number}",
+                "step_number": c.step_number,
+                "metrics": {"step": c.step_number, **c.metrics},
+            }
+            for c in page
+        ]
+        return _list(data, more)
+
+    @router.post("/fine_tuning/jobs/{job_id}/cancel")
+    def cancel_job(
+        job_id: str, _: Principal = Depends(needs("jobs"))  # noqa: B008
+    ) -> dict[str, Any]:
+        """Cancel a job: at once if it has not started, else within one training step."""
+        from evertune.training import jobs
+
+        return _job_out(ws, jobs.cancel_job(ws, job_id))
+
+    return router
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _training_file(ws: Workspace, file_id: str) -> Any:
+    try:
+        return file_store.file_path(ws, file_id)
+    except ApiError as exc:
+        exc.param = "training_file"
+        raise
+
+
+def _overrides(ws: Workspace, body: CreateJobRequest) -> list[str]:
+    """`--set` overrides for the job from OpenAI hyperparameters, method and seed."""
+    hp: dict[str, Any] = {}
+    if body.method is not None:
+        # {"type": "dpo", "dpo": {"hyperparameters": …}}: the block is named after the type.
+        if body.method.type == "supervised":
+            block = body.method.supervised or {}
+        else:
+            block = (body.method.model_extra or {}).get(body.method.type) or {}
+        nested = block.get("hyperparameters") or {} if isinstance(block, dict) else {}
+        hp.update(Hyperparameters.model_validate(nested).model_dump(exclude_none=True))
+    if body.hyperparameters is not None:
+        hp.update(body.hyperparameters.model_dump(exclude_none=True))
+    out: list[str] = []
+    if body.method is not None and body.method.type != ws.config.train.method:
+        out.append(f"train.method={body.method.type}")
+    if hp.get("n_epochs") not in (None, "auto"):
+        out.append(f"train.n_epochs={hp['n_epochs']}")
+    if hp.get("batch_size") not in (None, "auto"):
+        out.append(f"train.batch_size={hp['batch_size']}")
+    if hp.get("learning_rate_multiplier") not in (None, "auto"):
+        rate = ws.config.train.learning_rate * float(hp["learning_rate_multiplier"])
+        out.append(f"train.learning_rate={rate:.6g}")
+    if body.seed is not None:
+        out.append(f"train.seed={body.seed}")
+    return out
+
+
+def _parent(ws: Workspace, model: str | None) -> str | None:
+    """The registered version a job continues from, per the request's `model`."""
+    name, base = ws.config.model.name, ws.config.model.base
+    if model in (None, "", name, base):
+        return None
+    assert model is not None  # narrowed above
+    if model.startswith(name + "@"):
+        from evertune.registry import Registry
+
+        ref = model.split("@", 1)[1]
+        try:
+            return str(Registry(ws).resolve(ref).version)
+        except EvertuneError as exc:
+            raise ApiError(400, f"model {model!r}: {exc}", param="model",
+                           code="model_not_found") from None
+    raise ApiError(
+        400,
+        f"model {model!r} is not available in this workspace; use {name!r} (fine-tunes the base "
+        f"model {base}) or {name}@vN / {name}@prod (continues from a registered version)",
+        param="model", code="model_not_found",
+    )
+
+
+def _pick_dataset(versions: Sequence[Any], method: str, file_id: str) -> Any:
+    from evertune.training.jobs import METHOD_FOR_KIND
+
+    for v in versions:
+        if METHOD_FOR_KIND.get(v.kind) == method:
+            return v
+    kinds = ", ".join(sorted({v.kind for v in versions})) or "none"
+    raise ApiError(400, f"{file_id} holds no records for method {method!r} (found: {kinds}); "
+                   "supervised fine-tuning needs input/output, prompt/completion or chat rows",
+                   param="training_file", code="invalid_file")
+
+
+def _versions_by_job(ws: Workspace) -> dict[str, int]:
+    from evertune.registry import Registry
+
+    return {mv.job: mv.version for mv in Registry(ws).list_versions() if mv.job}
+
+
+def _job_out(ws: Workspace, job: Job, versions: dict[str, int] | None = None) -> dict[str, Any]:
+    """The OpenAI job object; `fine_tuned_model` is the serving name once registered."""
+    out = job.to_openai()
+    out["fine_tuned_model"] = None
+    if job.status == "succeeded":
+        if versions is None:
+            from evertune.registry import Registry
+
+            mv = Registry(ws).find_by_job(job.id)
+            number = mv.version if mv else None
+        else:
+            number = versions.get(job.id)
+        if number is not None:
+            out["fine_tuned_model"] = f"{ws.config.model.name}@v{number}"
+    return out
+
+
+def _page(items: Sequence[Any], after: str | None, limit: int, what: str) -> tuple[list[Any], bool]:
+    """Items after the one with id `after` (cursor pagination, as OpenAI pages lists)."""
+    start = 0
+    if after:
+        ids = [i.id for i in items]
+        if after not in ids:
+            raise ApiError(400, f"after={after!r} is not a {what} id of this list",
+                           param="after", code="invalid_cursor")
+        start = ids.index(after) + 1
+    page = list(items[start : start + limit])
+    return page, start + limit < len(items)
+
+
+def _list(data: list[dict[str, Any]], more: bool) -> ListPage:
+    return ListPage(data=data, has_more=more, first_id=data[0]["id"] if data else None,
+                    last_id=data[-1]["id"] if data else None)
