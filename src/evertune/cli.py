@@ -12,6 +12,7 @@ them, so `--help` and the light commands answer in well under a second.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +27,10 @@ from evertune.errors import EvertuneError
 if TYPE_CHECKING:
     from evertune.workspace import Workspace
 
-console = Console(soft_wrap=True)
+# Piped output (CI logs, `| grep`) has no terminal width; Rich would assume 80 columns and
+# abbreviate ids, which people then copy. Use a wide default unless COLUMNS says otherwise.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+console = Console(soft_wrap=True, width=_WIDTH)
 err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
@@ -435,6 +439,129 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
         console.print(m)
     if v.description:
         console.print(v.description)
+
+
+# -- approvals and deployments ----------------------------------------------------------------
+CommentOpt = typer.Option(..., "--comment", "-m", help="Why (required; recorded in the audit trail).")
+
+
+def _print_deploy(result: Any) -> None:
+    for mv in result.moves:
+        console.print(f"  v{mv.version}: {mv.from_stage} → {mv.to_stage}  ({mv.reason})", highlight=False)
+    if result.system_tests is not None:
+        colour = "green" if result.system_tests.passed else "red"
+        console.print(f"  system tests: [{colour}]{result.system_tests.summary()}[/]", highlight=False)
+    console.print(result.message)
+
+
+@app.command()
+def approve(
+    version: str = typer.Argument(..., help="Version number."),
+    comment: str = CommentOpt,
+    force: bool = typer.Option(False, "--force", help="Admin only: approve a version the gate or system tests rejected."),
+) -> None:
+    """Approve a version: deploy it to QA, run system tests, then promote to PROD (deploy.auto_promote)."""
+    ws = _open()
+    _quiet_libraries()
+    from evertune import auth, deploy
+
+    with console.status(f"Deploying v{version} to QA and running system tests…"):
+        result = deploy.approve(ws, version, auth.local_principal(ws), comment, force=force)
+    _print_deploy(result)
+
+
+@app.command()
+def reject(version: str = typer.Argument(..., help="Version number."), comment: str = CommentOpt) -> None:
+    """Reject a pending (or QA) version."""
+    ws = _open()
+    from evertune import auth, deploy
+
+    _print_deploy(deploy.reject(ws, version, auth.local_principal(ws), comment))
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(None, help="Version in QA (default: the one in QA)."),
+    comment: str = typer.Option("", "--comment", "-m", help="Why (recorded in the audit trail)."),
+) -> None:
+    """Promote the QA version to PROD (when deploy.auto_promote is false)."""
+    ws = _open()
+    _quiet_libraries()
+    from evertune import auth, deploy
+
+    _print_deploy(deploy.promote(ws, version, auth.local_principal(ws), comment))
+
+
+@app.command()
+def rollback(
+    comment: str = typer.Option("", "--comment", "-m", help="Why (recorded in the audit trail)."),
+    to: str = typer.Option(None, "--to", help="Version to return to (default: the previous PROD)."),
+) -> None:
+    """Point PROD back at the previous PROD version."""
+    ws = _open()
+    from evertune import auth, deploy
+
+    _print_deploy(deploy.rollback(ws, auth.local_principal(ws), comment, to=to))
+
+
+@app.command()
+def audit(
+    version: str = typer.Option(None, "--version", "-v", help="Only this version."),
+    limit: int = typer.Option(50, "--limit", "-n", min=1),
+) -> None:
+    """The audit trail: every registration and stage transition (actor, time, from, to, why)."""
+    from evertune.registry import Registry
+
+    ws = _open()
+    rows = Registry(ws).audit_log(version=int(version.lstrip("v")) if version else None, limit=limit)
+    t = Table()
+    for col in ("time", "version", "action", "from", "to", "actor", "reason"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(_when(r.created_at), f"v{r.version}", r.action, r.from_stage or "-", r.to_stage or "-", r.actor, r.reason)
+    console.print(t if t.row_count else "No audit records yet.")
+
+
+tokens_app = typer.Typer(help="API tokens (admin): create, list, revoke.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    name: str = typer.Argument(..., help="Who or what uses it, e.g. alice or ci."),
+    role: str = typer.Option(..., "--role", "-r", help="viewer | operator | approver | admin | serving"),
+) -> None:
+    """Mint a token; it is shown once (only its hash is stored)."""
+    from evertune import auth
+
+    ws = _open()
+    secret, info = auth.create_token(ws, name, role, auth.local_principal(ws))
+    console.print(f"Token #{info.id} for {info.name} ({info.role}) — store it now, it is not shown again:")
+    print(secret)
+
+
+@tokens_app.command("list")
+def tokens_list() -> None:
+    """List tokens (never the secrets)."""
+    from evertune import auth
+
+    ws = _open()
+    t = Table()
+    for col in ("id", "name", "role", "created", "revoked"):
+        t.add_column(col)
+    for info in auth.list_tokens(ws, auth.local_principal(ws)):
+        t.add_row(str(info.id), info.name, info.role, _when(info.created_at), "yes" if info.revoked else "")
+    console.print(t)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(token: str = typer.Argument(..., help="Token id or name.")) -> None:
+    """Revoke a token; requests with it get 401 from then on."""
+    from evertune import auth
+
+    ws = _open()
+    info = auth.revoke_token(ws, int(token) if token.isdigit() else token, auth.local_principal(ws))
+    console.print(f"Token #{info.id} ({info.name}, {info.role}) revoked.")
 
 
 # -- processes -----------------------------------------------------------------------------
