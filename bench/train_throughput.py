@@ -39,29 +39,43 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # Words the tiny model's tokenizer knows, so lengths in tokens track lengths in words.
-WORDS = (
+_TEXT = (
     "please route this support ticket to the right team billing shipping account technical "
     "returns my card was charged twice for the same order and I want a refund the package has "
     "not arrived yet tracking number does work cannot log in after resetting password app "
     "crashes when open settings page on phone would like return these shoes they are too small"
-).split()
+)
+WORDS = _TEXT.split()
 TARGETS = {"evertune padded": 1.0, "evertune grouped": 1.3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", "default"], default="tiny",
-                   help="tiny: the 2-layer test model; default: SmolLM2-135M-Instruct")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per contender "
-                   "(default 30 tiny, 8 default)")
+    p.add_argument(
+        "--model",
+        choices=["tiny", "default"],
+        default="tiny",
+        help="tiny: the 2-layer test model; default: SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per contender (default 30 tiny, 8 default)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="runs per contender; the median counts")
     p.add_argument("--min-len", type=int, default=16, help="shortest example, tokens")
     p.add_argument("--max-len", type=int, default=400, help="longest example, tokens")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get(
-        "EVERTUNE_MODEL_CACHE", Path.home() / ".cache" / "evertune" / "models")),
-        help="where the default model is converted once (~1 min the first time)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(
+            os.environ.get("EVERTUNE_MODEL_CACHE", Path.home() / ".cache" / "evertune" / "models")
+        ),
+        help="where the default model is converted once (~1 min the first time)",
+    )
     return p.parse_args(argv)
 
 
@@ -81,7 +95,9 @@ def make_records(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int =
     for i in range(n):
         total = rng.randint(min_len, max_len) - 1  # -1: the EOS token the loop appends
         prompt = max(1, int(total * rng.uniform(0.3, 0.7)))
-        records.append({"prompt": f"{i}. " + text(prompt - 2), "completion": " " + text(total - prompt)})
+        records.append(
+            {"prompt": f"{i}. " + text(prompt - 2), "completion": " " + text(total - prompt)}
+        )
     return records
 
 
@@ -102,11 +118,21 @@ def make_workspace(scratch: Path, base: Path, args: argparse.Namespace, steps: i
     cfg = yaml.safe_load((scratch / "ws" / "evertune.yaml").read_text())
     cfg["model"]["base"] = str(base)
     # Everything in train; no validation split, so no contender evaluates.
-    cfg["data"].update({"split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "max_seq_len": 512})
-    cfg["train"].update({
-        "n_epochs": 1, "batch_size": args.batch_size, "learning_rate": 1e-3, "warmup_steps": 5,
-        "checkpoint_every": steps + 1, "log_every": 1, "threads": args.threads, "seed": 0,
-    })
+    cfg["data"].update(
+        {"split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "max_seq_len": 512}
+    )
+    cfg["train"].update(
+        {
+            "n_epochs": 1,
+            "batch_size": args.batch_size,
+            "learning_rate": 1e-3,
+            "warmup_steps": 5,
+            "checkpoint_every": steps + 1,
+            "log_every": 1,
+            "threads": args.threads,
+            "seed": 0,
+        }
+    )
     (scratch / "ws" / "evertune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return Workspace.open(scratch / "ws")
 
@@ -130,8 +156,9 @@ def run_ours(ws: Any, dataset: Any, batching: str) -> dict[str, Any]:
     }
 
 
-def run_trainer(base: Path, examples: list[Any], args: argparse.Namespace, steps: int,
-                scratch: Path) -> dict[str, Any]:
+def run_trainer(
+    base: Path, examples: list[Any], args: argparse.Namespace, steps: int, scratch: Path
+) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -146,8 +173,16 @@ def run_trainer(base: Path, examples: list[Any], args: argparse.Namespace, steps
 
     tokenizer = load_tokenizer(base)
     torch.manual_seed(0)
-    model = get_peft_model(load_model(base), LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_model(base),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     model.train()
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     seen = {"tokens": 0, "positions": 0}
@@ -167,17 +202,31 @@ def run_trainer(base: Path, examples: list[Any], args: argparse.Namespace, steps
         def on_train_end(self, *a: Any, **k: Any) -> None:
             clock["end"] = time.perf_counter()
 
-    data = [{"input_ids": e.input_ids, "labels": e.labels,
-             "attention_mask": [1] * len(e.input_ids)} for e in examples]
+    data = [
+        {"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+        for e in examples
+    ]
     targs = TrainingArguments(
-        output_dir=str(scratch / "trainer"), per_device_train_batch_size=args.batch_size,
-        learning_rate=1e-3, warmup_steps=5, lr_scheduler_type="linear", weight_decay=0.0,
-        max_grad_norm=1.0, max_steps=steps, logging_steps=1,
-        save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(scratch / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=data, data_collator=collate,
-                      callbacks=[Clock()])
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=data, data_collator=collate, callbacks=[Clock()]
+    )
     trainer.remove_callback(PrinterCallback)  # it prints every log row to stdout
     trainer.train()
     return {
@@ -199,8 +248,9 @@ def warm_up(base: Path, examples: list[Any], batch_size: int) -> None:
     from evertune.models import load_model, load_tokenizer
     from evertune.training.sft import collate
 
-    model = get_peft_model(load_model(base), LoraConfig(r=16, target_modules="all-linear",
-                                                        task_type="CAUSAL_LM")).train()
+    model = get_peft_model(
+        load_model(base), LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    ).train()
     longest = sorted(examples, key=lambda e: len(e.input_ids))[-batch_size:]
     batch = collate(longest, int(load_tokenizer(base).pad_token_id))
     for _ in range(2):
@@ -224,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="evertune-bench-") as tmp:
         scratch = Path(tmp)
         base = model_path(args, scratch)
@@ -248,12 +299,16 @@ def main(argv: list[str] | None = None) -> int:
         names = list(contenders)
         for r in range(args.repeats):
             # Rotate the order each repeat, so no contender always runs first (or last).
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 out = contenders[name]()
                 out["tokens_per_s"] = out["tokens"] / out["seconds"]
                 runs[name].append(out)
-                print(f"  run {r + 1}/{args.repeats} {name:17} {out['tokens_per_s']:9.0f} tok/s "
-                      f"({out['steps']} steps, {out['seconds']:.1f} s)", file=sys.stderr, flush=True)
+                print(
+                    f"  run {r + 1}/{args.repeats} {name:17} {out['tokens_per_s']:9.0f} tok/s "
+                    f"({out['steps']} steps, {out['seconds']:.1f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     summary = {}
     base_tps = statistics.median(x["tokens_per_s"] for x in runs["trainer"])
@@ -269,26 +324,50 @@ def main(argv: list[str] | None = None) -> int:
             "meets_target": None if name not in TARGETS else tps / base_tps >= TARGETS[name],
         }
 
-    print(f"\nmodel {args.model} ({base.name}), {steps} steps × batch {args.batch_size}, "
-          f"{len(lengths)} examples of {min(lengths)}–{max(lengths)} tokens "
-          f"(mean {statistics.mean(lengths):.0f}), torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel {args.model} ({base.name}), {steps} steps × batch {args.batch_size}, "
+        f"{len(lengths)} examples of {min(lengths)}–{max(lengths)} tokens "
+        f"(mean {statistics.mean(lengths):.0f}), torch threads {torch.get_num_threads()}, "
+        f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'contender':18} {'tokens/s':>10} {'vs trainer':>11} {'padding':>8} {'target':>8}")
     for name, s in summary.items():
-        target = "" if s["target"] is None else f"≥{s['target']:.1f}× " + ("ok" if s["meets_target"] else "MISS")
-        print(f"{name:18} {s['tokens_per_s']:10.0f} {s['speedup']:10.2f}× {s['padding_fraction']:8.1%} {target:>8}")
+        target = (
+            ""
+            if s["target"] is None
+            else f"≥{s['target']:.1f}× " + ("ok" if s["meets_target"] else "MISS")
+        )
+        print(
+            f"{name:18} {s['tokens_per_s']:10.0f} {s['speedup']:10.2f}× "
+            f"{s['padding_fraction']:8.1%} {target:>8}"
+        )
 
     record = {
-        "command": "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/train_throughput.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "model": args.model, "steps": steps, "batch_size": args.batch_size, "repeats": args.repeats,
+        "model": args.model,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "learning_rate": 1e-3, "warmup_steps": 5,
-        "machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "transformers": transformers.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
-        "summary": summary, "runs": runs,
+        "learning_rate": 1e-3,
+        "warmup_steps": 5,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            # Other processes on the machine skew timings; the 1-minute load average
+            # before and after tells a reader how quiet it was.
+            "loadavg_before": load_before[0],
+            "loadavg_after": os.getloadavg()[0],
+        },
+        "summary": summary,
+        "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"train_throughput-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"

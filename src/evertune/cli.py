@@ -360,7 +360,7 @@ def jobs_show(job_id: str = typer.Argument(...), as_json: bool = typer.Option(Fa
             t.add_column(col)
         for cp in cps:
             cp = cp if isinstance(cp, dict) else cp.model_dump()
-            t.add_row(str(cp.get("step")), json.dumps(cp.get("metrics")), str(cp.get("path")))
+            t.add_row(str(cp.get("step_number", cp.get("step"))), json.dumps(cp.get("metrics")), str(cp.get("path")))
         console.print(t)
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,17 +136,24 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+# Model loading builds modules on the meta device by patching torch/accelerate globals, so two
+# threads loading at once (the pipeline evaluating while serving loads, in `evertune up`) break
+# each other ("Cannot copy out of meta tensor"). One load at a time per process.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(path: Path, dtype: str = "auto") -> PreTrainedModel:
     """The base causal LM in eval mode on the default device."""
     from transformers import AutoModelForCausalLM
 
     # Quiet, deterministic threading on small CPUs unless the user set it.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
-    except OSError as exc:
-        raise ModelError(f"cannot load a model from {path}: {exc}") from None
-    return model.to(device()).eval()
+    with _LOAD_LOCK:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        except OSError as exc:
+            raise ModelError(f"cannot load a model from {path}: {exc}") from None
+        return model.to(device()).eval()
 
 
 def load_for_inference(base: Path, adapter: Path | None = None, dtype: str = "auto") -> PreTrainedModel:
@@ -160,5 +168,6 @@ def load_for_inference(base: Path, adapter: Path | None = None, dtype: str = "au
         if (adapter / "config.json").is_file():
             return load_model(adapter, dtype)
         raise ModelError(f"{adapter} holds neither a PEFT adapter (adapter_config.json) nor a model")
-    peft_model = PeftModel.from_pretrained(model, adapter)
+    with _LOAD_LOCK:
+        peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload().eval()

@@ -10,36 +10,11 @@ import pytest
 
 from evertune.workspace import Workspace
 
-WORDS = [
-    "please",
-    "route",
-    "this",
-    "support",
-    "ticket",
-    "to",
-    "the",
-    "right",
-    "team",
-    "billing",
-    "shipping",
-    "account",
-    "technical",
-    "returns",
-    "my",
-    "card",
-    "was",
-    "charged",
-    "twice",
-    "for",
-    "the",
-    "same",
-    "order",
-    "and",
-    "I",
-    "want",
-    "a",
-    "refund",
-]
+_TEXT = (
+    "please route this support ticket to the right team billing shipping account technical "
+    "returns my card was charged twice for the same order and I want a refund"
+)
+WORDS = _TEXT.split()
 
 
 def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -65,6 +40,14 @@ def add_sft_dataset(ws: Workspace, n: int = 64, seed: int = 0):  # -> DatasetVer
 
 
 @pytest.fixture
+def workspace(workspace: Workspace) -> Workspace:
+    """The shared tiny-model workspace, training on one thread: the tiny model's ops are too
+    small to gain from a second thread, and on a busy 2-core machine a second thread waits at
+    every op's barrier for a core another process holds (steps ran 10-30x slower)."""
+    return Workspace.open(workspace.root, ["train.threads=1"])
+
+
+@pytest.fixture
 def sft_dataset(workspace: Workspace):
     """An SFT dataset version of 64 records in the `workspace` (about 50 in its train split)."""
     return add_sft_dataset(workspace)
@@ -79,11 +62,17 @@ def make_sft_dataset() -> Callable[..., object]:
 @pytest.fixture
 def run_inline() -> Callable[..., object]:
     """Run a queued job's recipe in this process (as the child would): returns the SftResult."""
+    import torch
+
     from evertune.training.jobs import transition
     from evertune.training.sft import run_sft
 
     def run(ws: Workspace, job_id: str):
         transition(ws, job_id, "running", message="Started in-process (test)")
-        return run_sft(ws, job_id)
+        threads = torch.get_num_threads()
+        try:
+            return run_sft(ws, job_id)
+        finally:
+            torch.set_num_threads(threads)  # the recipe sets it for its process: this one
 
     return run

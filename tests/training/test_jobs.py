@@ -65,7 +65,7 @@ def test_create_job_refuses_unusable_datasets(workspace, sft_dataset):
         )
     with pytest.raises(DataError, match="train.method"):
         create_job(workspace, dataclasses.replace(sft_dataset, kind="dpo"))
-    dpo_ws = Workspace.open(workspace.root, ["train.method=dpo"])
+    dpo_ws = Workspace.open(workspace.root, [*workspace.overrides, "train.method=dpo"])
     with pytest.raises(JobError, match="no recipe"):
         create_job(dpo_ws, sft_dataset)
     assert list_jobs(workspace) == []  # nothing half-made
@@ -142,7 +142,7 @@ def test_wait_times_out_and_refuses_a_job_nobody_started(workspace, sft_dataset,
 
 def test_ray_backend_says_how_to_install(workspace, sft_dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
-    ws = Workspace.open(workspace.root, ["train.backend=ray"])
+    ws = Workspace.open(workspace.root, [*workspace.overrides, "train.backend=ray"])
     job = create_job(ws, sft_dataset)
     with pytest.raises(JobError, match=r"evertune\[ray\]"):
         start_job(ws, job.id)

@@ -143,7 +143,10 @@ def test_lora_changes_the_adapter_and_leaves_base_weights_bit_identical(
 
 
 def test_full_finetune_writes_a_loadable_model(workspace, sft_dataset, run_inline):
-    ws = Workspace.open(workspace.root, ["train.full_finetune=true", "train.learning_rate=0.001"])
+    ws = Workspace.open(
+        workspace.root,
+        [*workspace.overrides, "train.full_finetune=true", "train.learning_rate=0.001"],
+    )
     job = create_job(ws, sft_dataset)
     run_inline(ws, job.id)
     job = get_job(ws, job.id)
@@ -158,7 +161,9 @@ def test_cancel_then_resume_continues_at_the_exact_step(
     workspace, run_inline, make_sft_dataset, monkeypatch
 ):
     """A job stopped mid-epoch 2 and resumed ends with the same weights as one never stopped."""
-    ws = Workspace.open(workspace.root, ["train.n_epochs=2", "train.checkpoint_every=5"])
+    ws = Workspace.open(
+        workspace.root, [*workspace.overrides, "train.n_epochs=2", "train.checkpoint_every=5"]
+    )
     dataset = make_sft_dataset(ws, n=40)
     straight = create_job(ws, dataset)
     run_inline(ws, straight.id)
@@ -257,7 +262,7 @@ def test_parent_trained_on_another_base_is_refused(workspace, sft_dataset, run_i
 
 
 def test_no_example_fits_fails_with_bad_dataset(workspace, sft_dataset, run_inline):
-    ws = Workspace.open(workspace.root, ["data.max_seq_len=16"])
+    ws = Workspace.open(workspace.root, [*workspace.overrides, "data.max_seq_len=16"])
     job = create_job(ws, sft_dataset)
     run_inline(ws, job.id)
     job = get_job(ws, job.id)

@@ -402,15 +402,13 @@ def _validate_dataset(ws: Workspace, dataset: DatasetVersion, method: str) -> No
     if wanted != method:
         raise DataError(
             f"dataset {dataset.id} holds {dataset.kind} records, which train with method "
-            f"{wanted!r}, "
-            f"but train.method is {method!r}; add input/output, prompt/completion or chat records "
-            "(`evertune data add FILE`) or pick a dataset of kind sft"
+            f"{wanted!r}, but train.method is {method!r}; add input/output, prompt/completion "
+            "or chat records (`evertune data add FILE`) or pick a dataset of kind sft"
         )
     if int(dataset.counts.get("train", 0)) <= 0:
         raise DataError(
             f"dataset {dataset.id} has no training examples (counts: {dataset.counts}); "
-            "add more rows "
-            "or lower data.split.validation / data.split.test"
+            "add more rows or lower data.split.validation / data.split.test"
         )
 
 
@@ -483,14 +481,10 @@ def start_job(ws: Workspace, job_id: str) -> Job:
 
     job = get_job(ws, job_id)
     if job.status != "queued":
-        raise JobError(
-            f"job {job_id} is {job.status}; only a queued job can start "
-            + (
-                "(resume it with `evertune jobs resume " + job_id + "`)"
-                if job.status in ("failed", "cancelled")
-                else ""
-            )
-        )
+        hint = ""
+        if job.status in ("failed", "cancelled"):
+            hint = f"; resume it with `evertune jobs resume {job_id}`"
+        raise JobError(f"job {job_id} is {job.status}; only a queued job can start{hint}")
     folder = job_dir(ws, job_id)
     folder.mkdir(parents=True, exist_ok=True)
     spec = {"workspace": str(ws.root), "job_id": job_id, "overrides": list(ws.overrides)}
@@ -569,8 +563,9 @@ def check_alive(ws: Workspace, job_id: str) -> Job:
 
 
 def _progress(rows: list[dict[str, Any]], job: Job) -> dict[str, Any]:
-    train = next((r for r in reversed(rows) if "train_loss" in r), {})
-    val = next((r for r in reversed(rows) if "val_loss" in r), {})
+    empty: dict[str, Any] = {}
+    train = next((r for r in reversed(rows) if "train_loss" in r), empty)
+    val = next((r for r in reversed(rows) if "val_loss" in r), empty)
     return {
         "job_id": job.id,
         "status": job.status,

@@ -10,13 +10,14 @@ Exit status: 0 succeeded or cancelled, 1 failed, 2 the job folder is unusable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 from evertune.errors import EvertuneError
-from evertune.training.jobs import get_job
+from evertune.training.jobs import fail_job, get_job
 
 RECIPES = {"supervised": "evertune.training.sft:run_sft"}
 START_WAIT_S = 30.0  # start_job marks the job running right after the spawn; allow for a slow DB
@@ -55,17 +56,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyError:
-        print(f"job {job_id}: no recipe for method {job.method!r}", file=sys.stderr)
+        msg = f"no recipe for method {job.method!r} (available: {', '.join(RECIPES)})"
+        print(f"job {job_id}: {msg}", file=sys.stderr)
+        with contextlib.suppress(EvertuneError):
+            fail_job(ws, job_id, "invalid_job", msg)
         return 2
 
     import importlib
+    import traceback
 
-    recipe = getattr(importlib.import_module(module), func)
     print(
         f"[evertune] job {job_id}: {job.method} on {job.model} (dataset {job.training_file})",
         flush=True,
     )
-    result = recipe(ws, job_id)
+    try:
+        recipe = getattr(importlib.import_module(module), func)
+        result = recipe(ws, job_id)
+    except BaseException as exc:
+        # The recipe reports its own failures; this catches what escapes it (a broken
+        # install, an import error) so the job says why instead of "process died".
+        traceback.print_exc()
+        with contextlib.suppress(EvertuneError):
+            fail_job(
+                ws, job_id, "internal", f"{type(exc).__name__}: {exc} (see {args[0]}/train.log)"
+            )
+        return 1
     final = result.job
     print(
         f"[evertune] job {job_id} {final.status} at step {result.step}"

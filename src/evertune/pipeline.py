@@ -1,0 +1,1015 @@
+"""The durable tuning pipeline: one DBOS workflow per new data object, crash-safe end to end.
+
+    from evertune import pipeline
+    pipeline.launch(ws)            # once per process; `evertune up` does it in its lifespan
+    run_id = pipeline.start_run(ws, {"source": "bucket", "bucket": ws.bucket_url,
+                                     "key": "raw-data/tickets.jsonl", "version": "<etag|sha256>"})
+    run = pipeline.wait_run(ws, run_id, timeout=600)
+    run.status, run.version, [(s.name, s.status, s.duration_s) for s in run.steps]
+    pipeline.list_runs(ws)         # newest first, with their steps
+    pipeline.shutdown()
+
+Workflow `tuning_pipeline(trigger)`, workflow id = run id, so one trigger never starts two runs
+(`run_id_for`: "run-" + sha256 of bucket, key and object version; an API trigger brings its own
+run id). Steps, each a DBOS step calling the same functions as the CLI (`evertune.steps`):
+
+    DataPreprocessing  download the object, validate / dedup / split it into a dataset version
+                       (content-addressed), pick the training set (an API run: the dataset it
+                       names; a bucket run: per data.mode, cumulative union or this drop)
+    FineTuning         create the job keyed by run id (`create_job(run_id=…)` returns the one a
+                       crashed attempt made), start it, or resume it from its last checkpoint if
+                       its process died, or wait for it if it still runs; poll until it ends
+    ModelEvaluation    candidate vs PROD (if any) vs base + the quality gate → report id
+    RegisterModel      one MLflow version per job (idempotent per job id), PendingManualApproval
+                       or Rejected by the gate; then the webhook (`notify.webhook_url`)
+
+Every step's status, start/end, outputs (small JSON) and log lines are rows in the state DB
+(`pipeline_runs`, `pipeline_steps`), written before the workflow is even dequeued, so a run is
+visible while it waits. One run per model name at a time: the DBOS queue `evertune-pipeline` is
+partitioned by model name with concurrency 1; later drops queue up and start in the order they
+were queued (to the second on SQLite, where DBOS stamps queue entries in whole seconds: two
+drops within one second may start in either order; Postgres keeps milliseconds).
+
+Crash safety: DBOS records each finished step. After `kill -9`, the next `launch()` resumes the
+workflow: finished steps are not re-run, the interrupted one runs again, which is why every step
+is idempotent (datasets are content-addressed, jobs keyed by run id, versions by job id). A clean
+shutdown (`shutdown()`) interrupts a waiting step without recording it, so it too resumes on the
+next launch. The DBOS application version is pinned (`APP_VERSION`): runs left by an older
+Evertune with the same step sequence still resume after an upgrade; bump it when the steps change.
+
+Test hook (for tests/e2e/test_crash_recovery.py; never set it in production):
+`EVERTUNE_TEST_PAUSE_IN_STEP=STEP` makes STEP sleep once its work has started (FineTuning: once
+the training process runs), `STEP:after` once its work is done but before the step is recorded
+as finished; `EVERTUNE_TEST_PAUSE_S` (default 600) bounds the sleep. A test kills the process
+during the pause and checks the restart resumes the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
+from pydantic import BaseModel, computed_field
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from evertune import db
+from evertune.errors import DataError, EvertuneError, JobError, NotFoundError
+
+if TYPE_CHECKING:
+    from evertune.workspace import Workspace
+
+log = logging.getLogger("evertune.pipeline")
+T = TypeVar("T")
+
+STEPS = ("DataPreprocessing", "FineTuning", "ModelEvaluation", "RegisterModel")
+RunStatus = Literal["queued", "running", "succeeded", "failed"]
+StepStatus = Literal["pending", "running", "succeeded", "failed"]
+FINAL = frozenset({"succeeded", "failed"})
+
+QUEUE = "evertune-pipeline"
+QUEUE_POLL_S = 0.25  # how often DBOS looks for a queued run to start (latency vs idle DB reads)
+JOB_POLL_S = 0.2  # how often FineTuning reads the job's status (cheap SQLite read)
+APP_VERSION = "evertune-pipeline-1"  # DBOS resumes only runs of the same version; see docstring
+WORKFLOW_NAME = "tuning_pipeline"
+MAX_LOG_LINES = 200  # per step; older lines are dropped (the job keeps its own full event log)
+PROGRESS_EVERY_S = 5.0  # training / evaluation progress lines at most this often
+PAUSE_ENV = "EVERTUNE_TEST_PAUSE_IN_STEP"
+PAUSE_SECONDS_ENV = "EVERTUNE_TEST_PAUSE_S"
+
+
+class PipelineError(EvertuneError):
+    """A pipeline run or step failed, or the runtime is used wrongly (message says how to fix)."""
+
+
+class _Interrupted(BaseException):
+    """Raised inside a step on shutdown. A BaseException on purpose: DBOS records `Exception`s
+    as step results, and an interrupted step must stay unrecorded so the next launch re-runs it."""
+
+
+# -- state-DB tables ---------------------------------------------------------------------------
+
+pipeline_runs = Table(
+    "pipeline_runs",
+    db.metadata,
+    Column("id", String(64), primary_key=True),  # = DBOS workflow id
+    Column("model", String(128), nullable=False, index=True),  # registered model name
+    Column("trigger", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # queued | running | succeeded | failed
+    Column("created_at", Float, nullable=False),  # unix seconds; when it was queued
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("error", Text),
+    Column("version", Integer),  # registered model version
+)
+
+pipeline_steps = Table(
+    "pipeline_steps",
+    db.metadata,
+    Column("run_id", String(64), nullable=False),
+    Column("name", String(32), nullable=False),
+    Column("position", Integer, nullable=False),  # 0..3, the order in STEPS
+    Column("status", String(16), nullable=False),  # pending | running | succeeded | failed
+    Column("started_at", Float),  # first attempt
+    Column("finished_at", Float),
+    Column("attempts", Integer, nullable=False, default=0),  # >1: re-run after a restart
+    Column("outputs", JSON),
+    Column("logs", JSON),  # [{"t": unix s, "level": info|warn|error, "message": str}]
+    Column("error", Text),
+    PrimaryKeyConstraint("run_id", "name"),
+)
+
+_tables_ready: set[int] = set()  # id() of engines whose pipeline tables exist
+
+
+def _engine(ws: Workspace) -> Engine:
+    """The state DB with the pipeline tables (created on first use: `db.connect` may have run
+    before this module was imported, so its create_all did not know them)."""
+    engine = ws.engine
+    if id(engine) not in _tables_ready:
+        db.metadata.create_all(engine, tables=[pipeline_runs, pipeline_steps])
+        _tables_ready.add(id(engine))
+    return engine
+
+
+# -- public read models ------------------------------------------------------------------------
+
+
+class StepRecord(BaseModel):
+    """One step of a run as recorded: status, timings, outputs and log lines."""
+
+    name: str
+    status: StepStatus
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    outputs: dict[str, Any] = {}
+    logs: list[dict[str, Any]] = []
+    error: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the first start to the end (a running step: to now)."""
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+
+class Run(BaseModel):
+    """One pipeline run: its trigger, status, registered version and steps in order."""
+
+    id: str
+    model: str
+    trigger: dict[str, Any]
+    status: RunStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    version: int | None = None
+    steps: list[StepRecord] = []
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    def step(self, name: str) -> StepRecord:
+        """The step called `name` (one of STEPS)."""
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise NotFoundError(f"run {self.id} has no step {name!r}; steps: {', '.join(STEPS)}")
+
+    @property
+    def current_step(self) -> str | None:
+        """The step running now, else the one that failed, else None."""
+        for status in ("running", "failed"):
+            for s in self.steps:
+                if s.status == status:
+                    return s.name
+        return None
+
+    @property
+    def job_id(self) -> str | None:
+        return next((s.outputs.get("job") for s in self.steps if s.outputs.get("job")), None)
+
+
+def _row_to_run(row: Any, steps: list[StepRecord]) -> Run:
+    m = row._mapping
+    return Run(
+        id=m["id"],
+        model=m["model"],
+        trigger=m["trigger"] or {},
+        status=m["status"],
+        created_at=m["created_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        error=m["error"],
+        version=m["version"],
+        steps=steps,
+    )
+
+
+def _steps_of(conn: Any, run_ids: list[str]) -> dict[str, list[StepRecord]]:
+    t = pipeline_steps
+    out: dict[str, list[StepRecord]] = {r: [] for r in run_ids}
+    if not run_ids:
+        return out
+    for r in conn.execute(select(t).where(t.c.run_id.in_(run_ids)).order_by(t.c.position)):
+        out[r.run_id].append(
+            StepRecord(
+                name=r.name,
+                status=r.status,
+                started_at=r.started_at,
+                finished_at=r.finished_at,
+                attempts=r.attempts or 0,
+                outputs=r.outputs or {},
+                logs=r.logs or [],
+                error=r.error,
+            )
+        )
+    return out
+
+
+def list_runs(ws: Workspace, limit: int = 50) -> list[Run]:
+    """The newest runs first (all models of the workspace), each with its steps."""
+    t = pipeline_runs
+    with _engine(ws).connect() as conn:
+        rows = conn.execute(select(t).order_by(t.c.created_at.desc()).limit(limit)).all()
+        steps = _steps_of(conn, [r.id for r in rows])
+    return [_row_to_run(r, steps[r.id]) for r in rows]
+
+
+def find_run(ws: Workspace, run_id: str) -> Run | None:
+    """The run with this id, or None."""
+    t = pipeline_runs
+    with _engine(ws).connect() as conn:
+        row = conn.execute(select(t).where(t.c.id == run_id)).first()
+        if row is None:
+            return None
+        steps = _steps_of(conn, [run_id])
+    return _row_to_run(row, steps[run_id])
+
+
+def get_run(ws: Workspace, run_id: str) -> Run:
+    """The run with this id; NotFoundError lists recent run ids."""
+    run = find_run(ws, run_id)
+    if run is None:
+        recent = [r.id for r in list_runs(ws, limit=5)]
+        hint = f"recent runs: {', '.join(recent)}" if recent else "there are no runs yet"
+        raise NotFoundError(f"no pipeline run {run_id!r}; {hint} (see `evertune runs list`)")
+    return run
+
+
+def wait_run(ws: Workspace, run_id: str, timeout: float = 600.0, poll: float = 0.2) -> Run:
+    """Poll until the run succeeded or failed; PipelineError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = get_run(ws, run_id)
+        if run.finished:
+            return run
+        if time.monotonic() > deadline:
+            where = f" at {run.current_step}" if run.current_step else ""
+            raise PipelineError(
+                f"run {run_id} is still {run.status}{where} after {timeout:g} s; it keeps going "
+                f"(check it with `evertune runs show {run_id}`)"
+            )
+        time.sleep(poll)
+
+
+# -- runtime -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Runtime:
+    ws: Workspace
+    stop: threading.Event = field(default_factory=threading.Event)
+    # Workspaces with per-run `--set` overrides (API runs), opened once each.
+    variants: dict[tuple[str, ...], Workspace] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    # Steps executing now; shutdown waits (briefly) for interrupted ones to unwind.
+    active: int = 0
+    idle: threading.Condition = field(default_factory=threading.Condition)
+
+
+_runtime: _Runtime | None = None
+SHUTDOWN_WAIT_S = 5.0  # longest wait for running steps to stop before DBOS is torn down
+_launch_lock = threading.Lock()
+
+
+def system_database_url(ws: Workspace) -> str:
+    """DBOS's system DB: SQLite `.evertune/dbos.db`, or the state DB itself when it is Postgres."""
+    state = ws.state_db_url
+    if state.startswith(("postgresql", "postgres")):
+        return state
+    return f"sqlite:///{ws.state_dir / 'dbos.db'}"
+
+
+def launch(ws: Workspace, *, warm: bool = True) -> None:
+    """Start the DBOS runtime for `ws` in this process (resumes interrupted runs at once).
+
+    Idempotent for the same workspace. DBOS is one per process: to switch workspaces (tests)
+    call `shutdown()` first. `warm=True` imports the heavy libraries and opens the MLflow
+    store in a background thread, so the first run does not pay for them inside its steps.
+    """
+    global _runtime
+    with _launch_lock:
+        if _runtime is not None:
+            if _runtime.ws.root == ws.root:
+                return
+            raise PipelineError(
+                f"the pipeline runtime already runs for workspace {_runtime.ws.root}; DBOS is one "
+                f"per process: call pipeline.shutdown() before launching it for {ws.root}"
+            )
+        _engine(ws)  # create our tables before any workflow (a recovered one) writes to them
+        ws.state_dir.mkdir(parents=True, exist_ok=True)
+        DBOS(
+            config={
+                "name": "evertune",
+                "system_database_url": system_database_url(ws),
+                "application_version": APP_VERSION,
+                "log_level": os.environ.get("EVERTUNE_DBOS_LOG_LEVEL", "WARNING"),
+            }
+        )
+        # Set before launch: DBOS starts recovered workflows during launch(), and they need it.
+        _runtime = _Runtime(ws=ws)
+
+        def start() -> None:
+            DBOS.launch()
+            # Partitioned by model name: runs of one model go one at a time, models in parallel.
+            DBOS.register_queue(
+                QUEUE,
+                partition_concurrency=1,
+                polling_interval_sec=QUEUE_POLL_S,
+                on_conflict="always_update",
+            )
+
+        try:
+            _off_loop(start)
+        except BaseException:
+            _runtime = None
+            DBOS.destroy()
+            raise
+    if warm:
+        threading.Thread(target=_warm_up, args=(ws,), name="evertune-warm-up", daemon=True).start()
+
+
+def shutdown() -> None:
+    """Stop the runtime: waiting steps are interrupted unrecorded and resume on the next launch."""
+    global _runtime
+    with _launch_lock:
+        if _runtime is None:
+            return
+        rt = _runtime
+        rt.stop.set()
+        # Waiting steps notice within JOB_POLL_S and leave unrecorded; a step busy in a long
+        # call (preprocessing, an MLflow write) may outlast the wait: DBOS then cannot record
+        # it either, and the next launch runs it again (every step is idempotent).
+        with rt.idle:
+            rt.idle.wait_for(lambda: rt.active == 0, timeout=SHUTDOWN_WAIT_S)
+        DBOS.destroy()
+        _runtime = None
+
+
+def _off_loop(fn: Callable[[], T]) -> T:
+    """Call `fn` here, or in a helper thread when this thread runs an asyncio loop (FastAPI's
+    lifespan, an async route): DBOS's blocking calls refuse to run on an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="evertune-dbos-call")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def launched() -> bool:
+    """Whether the runtime runs in this process."""
+    return _runtime is not None
+
+
+def _warm_up(ws: Workspace) -> None:
+    """Import transformers/torch and open the MLflow store now rather than inside a step."""
+    try:
+        from evertune import steps
+        from evertune.registry import Registry
+
+        reg = Registry(ws)
+        reg.experiment_id  # noqa: B018 - creates the MLflow schema (~3 s on a new workspace)
+        reg.list_versions()
+        steps.base_tokenizer(ws)  # imports transformers, resolves the base model
+        import evertune.evaluation  # noqa: F401
+    except Exception as exc:  # warming is an optimisation; the steps report real problems
+        log.debug("warm-up skipped: %s", exc)
+
+
+def run_id_for(trigger: dict[str, Any]) -> str:
+    """The run id of a trigger: its own `run_id`, or derived from bucket + key + version."""
+    if trigger.get("run_id"):
+        return str(trigger["run_id"])
+    missing = [k for k in ("bucket", "key", "version") if not trigger.get(k)]
+    if missing:
+        raise PipelineError(
+            f"trigger {trigger!r} lacks {', '.join(missing)}; a bucket trigger needs "
+            "{'source': 'bucket', 'bucket': URL, 'key': KEY, 'version': ETAG_OR_SHA256}"
+        )
+    ident = "\n".join(str(trigger[k]) for k in ("bucket", "key", "version"))
+    return "run-" + hashlib.sha256(ident.encode("utf-8")).hexdigest()[:20]
+
+
+def _check_trigger(trigger: dict[str, Any]) -> None:
+    source = trigger.get("source")
+    if source == "bucket":
+        run_id_for(trigger)
+    elif source == "api":
+        if not trigger.get("run_id") or not (trigger.get("file") or trigger.get("dataset")):
+            raise PipelineError(
+                f"api trigger {trigger!r} needs run_id and file or dataset: "
+                "{'source': 'api', 'run_id': 'run-…', 'file': PATH, 'dataset': 'ds-…'}"
+            )
+    else:
+        raise PipelineError(f"trigger source {source!r} is unknown; use 'bucket' or 'api'")
+
+
+def start_run(ws: Workspace, trigger: dict[str, Any]) -> str:
+    """Record the run (status queued) and enqueue its workflow; the same trigger twice → one run.
+
+    Needs the runtime (`launch(ws)`) in this process.
+    """
+    _check_trigger(trigger)
+    if _runtime is None:
+        raise PipelineError(
+            "the pipeline runtime is not running in this process; start `evertune up` (or call "
+            "pipeline.launch(ws) first)"
+        )
+    run_id = run_id_for(trigger)
+    model = ws.config.model.name
+    with _engine(ws).connect() as conn:
+        row = conn.execute(
+            select(pipeline_runs.c.status).where(pipeline_runs.c.id == run_id)
+        ).first()
+    if row is None:
+        try:
+            _insert_run(ws, run_id, model, trigger, "queued", started_at=None)
+        except IntegrityError:  # another thread recorded it a moment ago: that one enqueues
+            return run_id
+    if row is not None and row.status != "queued":
+        return run_id  # started or finished already; DBOS owns it now
+
+    # A queued row is enqueued again on purpose: a crash between the insert above and this
+    # enqueue must not strand it, and DBOS returns the existing workflow for a known id.
+    def enqueue() -> None:
+        with SetWorkflowID(run_id), SetEnqueueOptions(queue_partition_key=model):
+            DBOS.enqueue_workflow(QUEUE, tuning_pipeline, trigger)
+
+    _off_loop(enqueue)
+    log.info("run %s queued for %s (%s)", run_id, model, trigger.get("key") or trigger.get("file"))
+    return run_id
+
+
+def _insert_run(
+    ws: Workspace,
+    run_id: str,
+    model: str,
+    trigger: dict[str, Any],
+    status: RunStatus,
+    started_at: float | None,
+) -> None:
+    """The run's row and its four pending step rows, in one transaction."""
+    with _engine(ws).begin() as conn:
+        conn.execute(
+            insert(pipeline_runs).values(
+                id=run_id,
+                model=model,
+                trigger=trigger,
+                status=status,
+                created_at=time.time(),
+                started_at=started_at,
+            )
+        )
+        for i, name in enumerate(STEPS):
+            conn.execute(
+                insert(pipeline_steps).values(
+                    run_id=run_id,
+                    name=name,
+                    position=i,
+                    status="pending",
+                    attempts=0,
+                    outputs={},
+                    logs=[],
+                )
+            )
+
+
+def run_status(ws: Workspace, run_id: str) -> str | None:
+    """Just the status of a run (None if unknown): a cheap read for the watcher."""
+    with _engine(ws).connect() as conn:
+        return conn.execute(
+            select(pipeline_runs.c.status).where(pipeline_runs.c.id == run_id)
+        ).scalar()
+
+
+def _run_ws(trigger: dict[str, Any]) -> Workspace:
+    """The workspace a run works in: the runtime's, plus the trigger's `--set` overrides."""
+    rt = _runtime
+    if rt is None:
+        raise _Interrupted()  # shut down under us; the step re-runs on the next launch
+    overrides = tuple(trigger.get("overrides") or ())
+    if not overrides:
+        return rt.ws
+    with rt.lock:
+        ws = rt.variants.get(overrides)
+        if ws is None:
+            from evertune.workspace import Workspace
+
+            ws = Workspace.open(rt.ws.root, [*rt.ws.overrides, *overrides])
+            rt.variants[overrides] = ws
+    return ws
+
+
+# -- step recording ----------------------------------------------------------------------------
+
+
+class _StepContext:
+    """What a step body uses to log lines and set outputs; persisted as it goes."""
+
+    def __init__(self, ws: Workspace, run_id: str, name: str) -> None:
+        self.ws = ws
+        self.run_id = run_id
+        self.name = name
+        self.outputs: dict[str, Any] = {}
+        self._last_progress = 0.0
+
+    def log(self, message: str, level: str = "info") -> None:
+        level_no = logging.INFO if level == "info" else logging.WARNING
+        log.log(level_no, "%s %s: %s", self.run_id, self.name, message)
+        _append_log(self.ws, self.run_id, self.name, message, level)
+
+    def progress(self, message: str) -> None:
+        """A progress line, written at most every PROGRESS_EVERY_S seconds."""
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_EVERY_S:
+            self._last_progress = now
+            self.log(message)
+
+    def save_outputs(self) -> None:
+        """Persist the outputs so far (the job id is visible while training runs)."""
+        with self.ws.engine.begin() as conn:
+            conn.execute(
+                update(pipeline_steps)
+                .where(pipeline_steps.c.run_id == self.run_id, pipeline_steps.c.name == self.name)
+                .values(outputs=self.outputs)
+            )
+
+
+def _append_log(ws: Workspace, run_id: str, name: str, message: str, level: str = "info") -> None:
+    t = pipeline_steps
+    where = (t.c.run_id == run_id, t.c.name == name)
+    with _engine(ws).begin() as conn:
+        logs = conn.execute(select(t.c.logs).where(*where)).scalar() or []
+        logs = [*logs, {"t": time.time(), "level": level, "message": message}][-MAX_LOG_LINES:]
+        conn.execute(update(t).where(*where).values(logs=logs))
+
+
+@contextlib.contextmanager
+def _recorded(ws: Workspace, run_id: str, name: str) -> Iterator[_StepContext]:
+    """Mark the step running, yield its context, then record success or failure.
+
+    A failure becomes PipelineError("<step>: <message>") — picklable, so DBOS records it and
+    the run fails; an _Interrupted shutdown is left unrecorded (the step re-runs on launch).
+    """
+    t = pipeline_steps
+    where = (t.c.run_id == run_id, t.c.name == name)
+    now = time.time()
+    with _engine(ws).begin() as conn:
+        row = conn.execute(select(t.c.attempts, t.c.started_at).where(*where)).first()
+        attempts = (row.attempts if row else 0) + 1
+        conn.execute(
+            update(t)
+            .where(*where)
+            .values(
+                status="running",
+                attempts=attempts,
+                started_at=row.started_at if row and row.started_at else now,
+                finished_at=None,
+                error=None,
+            )
+        )
+    ctx = _StepContext(ws, run_id, name)
+    ctx.log("started" if attempts == 1 else f"started again after a restart (attempt {attempts})")
+    rt = _runtime
+    if rt is not None:
+        with rt.idle:
+            rt.active += 1
+    try:
+        yield ctx
+    except _Interrupted:
+        ctx.log("interrupted by shutdown; it resumes when the pipeline starts again", "warn")
+        raise
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, EvertuneError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, EvertuneError):
+            log.exception("%s %s failed unexpectedly", run_id, name)
+        ctx.log(message, "error")
+        with ws.engine.begin() as conn:
+            conn.execute(
+                update(t)
+                .where(*where)
+                .values(
+                    status="failed", finished_at=time.time(), error=message, outputs=ctx.outputs
+                )
+            )
+        raise PipelineError(f"{name}: {message}") from None
+    finally:
+        if rt is not None:
+            with rt.idle:
+                rt.active -= 1
+                rt.idle.notify_all()
+    with ws.engine.begin() as conn:
+        conn.execute(
+            update(t)
+            .where(*where)
+            .values(status="succeeded", finished_at=time.time(), outputs=ctx.outputs)
+        )
+    ctx.log("succeeded")
+
+
+def _test_pause(ctx: _StepContext, point: Literal["work", "after"]) -> None:
+    """The crash-test hook (see the module docstring): sleep here if the env var says so."""
+    wanted = os.environ.get(PAUSE_ENV, "")
+    step, _, where = wanted.partition(":")
+    if step != ctx.name or (where or "work") != point:
+        return
+    seconds = float(os.environ.get(PAUSE_SECONDS_ENV) or 600)
+    ctx.log(f"test hook {PAUSE_ENV}={wanted}: pausing {seconds:g} s")
+    rt = _runtime
+    if rt is not None and rt.stop.wait(seconds):
+        raise _Interrupted()
+
+
+def _stopping() -> bool:
+    rt = _runtime
+    return rt is None or rt.stop.is_set()
+
+
+# -- steps -------------------------------------------------------------------------------------
+
+
+@DBOS.step(name="DataPreprocessing")
+def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
+    """Fetch the trigger's file, store it as a dataset version, pick the training dataset."""
+    from evertune import steps
+    from evertune.data.store import get_dataset
+
+    ws = _run_ws(trigger)
+    with _recorded(ws, run_id, "DataPreprocessing") as ctx:
+        _test_pause(ctx, "work")
+        if trigger.get("source") == "bucket":
+            path, label = _fetch_object(ws, run_id, trigger, ctx)
+        elif trigger.get("file"):
+            path = Path(trigger["file"])
+            label = path.name
+            if not path.is_file():
+                raise DataError(
+                    f"uploaded file {path} of run {run_id} is gone; upload it again "
+                    "(POST /v1/files)"
+                )
+        else:
+            path, label = None, str(trigger.get("dataset"))
+        sft: list[Any] = []
+        if path is not None:
+            try:
+                added = steps.preprocess(ws, [path])
+            except DataError as exc:
+                # Name the object, not the run folder's copy of it.
+                message = str(exc).replace(str(path), label)
+                raise DataError(message if label in message else f"{label}: {message}") from None
+            sft = [v for v in added.versions if v.kind == "sft"]
+            ctx.outputs.update(
+                file=label,
+                versions=[v.id for v in added.versions],
+                rejected=added.rejected,
+                rejected_path=str(added.rejected_path) if added.rejected_path else None,
+                duplicates_dropped=added.report.get("duplicates_dropped", 0),
+            )
+            stored = ", ".join(
+                f"{v.id} ({v.kind}, {v.counts.get('total', 0)} records)" for v in added.versions
+            )
+            ctx.log(
+                f"{label}: stored {stored}; {added.rejected} row(s) rejected"
+                + (f" (see {added.rejected_path})" if added.rejected_path else "")
+            )
+            if not sft and not trigger.get("dataset"):
+                kinds = ", ".join(sorted({v.kind for v in added.versions})) or "none"
+                raise DataError(
+                    f"{label} holds no supervised records (found: {kinds}); the pipeline trains "
+                    f"train.method=supervised on input/output, prompt/completion or chat records"
+                )
+        if trigger.get("dataset"):
+            training = get_dataset(ws, str(trigger["dataset"]))  # API runs: exactly this set
+        elif ws.config.data.mode == "latest":
+            training = sft[0]  # this drop only
+        else:
+            training = steps.training_data(ws)  # the cumulative union of all drops so far
+        ctx.outputs.update(training_dataset=training.id, counts=dict(training.counts))
+        ctx.log(f"training on {training.id} ({ws.config.data.mode}): {training.counts}")
+        _test_pause(ctx, "after")
+        return dict(ctx.outputs)
+
+
+def _fetch_object(
+    ws: Workspace, run_id: str, trigger: dict[str, Any], ctx: _StepContext
+) -> tuple[Path, str]:
+    """Download the object version the trigger names into the run's folder."""
+    from evertune.bucket import Bucket, _sha256
+
+    bucket = Bucket(trigger["bucket"])
+    key, version = str(trigger["key"]), str(trigger["version"])
+    label = key
+    dest = ws.state_dir / "pipeline" / run_id / PurePosixPath(key).name
+    if not bucket.is_local:
+        current = bucket.info(key).version
+        if current != version:
+            raise DataError(_superseded(key, version, current))
+    bucket.download(key, dest)
+    if bucket.is_local:
+        # The local version is the content hash: check the copy is the version detected.
+        got = _sha256(dest)
+        if got != version:
+            raise DataError(_superseded(key, version, got))
+    ctx.log(f"fetched {key} ({dest.stat().st_size} bytes) from {trigger['bucket']}")
+    return dest, label
+
+
+def _superseded(key: str, wanted: str, found: str) -> str:
+    return (
+        f"{key} changed since it was detected (version {wanted[:12]} is now {found[:12]}); the "
+        "run started for the new version trains on it"
+    )
+
+
+@DBOS.step(name="FineTuning")
+def fine_tuning(run_id: str, trigger: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Start (or find, resume, or keep waiting for) this run's training job until it ends."""
+    from evertune.data.store import get_dataset
+    from evertune.training import jobs
+
+    ws = _run_ws(trigger)
+    with _recorded(ws, run_id, "FineTuning") as ctx:
+        dataset = get_dataset(ws, data["training_dataset"])
+        job = jobs.create_job(ws, dataset, run_id=run_id)  # the same job on a re-run
+        ctx.outputs["job"] = job.id
+        ctx.save_outputs()
+        job = jobs.check_alive(ws, job.id)
+        if job.status == "validating_files":
+            # Crashed inside create_job after its insert; the dataset has been checked since.
+            job = jobs.transition(ws, job.id, "queued", message="Job queued after a restart")
+        if job.status == "queued":
+            job = jobs.start_job(ws, job.id)
+            ctx.log(f"job {job.id} started on {dataset.id} (pid {job.pid})")
+        elif job.status == "failed" and (job.error or {}).get("code") == "process_died":
+            ckpt = jobs.newest_checkpoint(jobs.job_dir(ws, job.id))
+            job = jobs.resume_job(ws, job.id)
+            where = f"checkpoint {ckpt.name}" if ckpt else "the start (no checkpoint yet)"
+            ctx.log(
+                f"job {job.id}'s process had died; resumed from {where} (pid {job.pid})", "warn"
+            )
+        elif job.status == "running":
+            ctx.log(f"job {job.id} is still training (pid {job.pid}); waiting for it")
+        _test_pause(ctx, "work")
+        job = _follow(ws, job.id, ctx)
+        if job.status == "cancelled":
+            raise JobError(
+                f"job {job.id} was cancelled (`evertune jobs cancel` or the API); this run ends "
+                "here: drop new data or run `evertune tune` to train again"
+            )
+        if job.status != "succeeded":
+            err = job.error or {}
+            raise JobError(
+                f"job {job.id} {job.status}: {err.get('message') or 'no reason recorded'} "
+                f"(events: `evertune jobs events {job.id}`)"
+            )
+        ctx.outputs.update(
+            job=job.id,
+            adapter=(job.result or {}).get("path"),
+            trained_tokens=job.trained_tokens,
+            job_started_at=job.started_at,
+            job_finished_at=job.finished_at,
+        )
+        ctx.log(f"job {job.id} succeeded: {job.trained_tokens} tokens trained")
+        _test_pause(ctx, "after")
+        return dict(ctx.outputs)
+
+
+def _follow(ws: Workspace, job_id: str, ctx: _StepContext) -> Any:
+    """Poll the job until it is final; log progress; stop (unrecorded) on shutdown."""
+    from evertune.training import jobs
+
+    t = db.job_metrics
+    while True:
+        job = jobs.check_alive(ws, job_id)
+        if job.finished:
+            return job
+        with ws.engine.connect() as conn:
+            row = conn.execute(
+                select(t.c.step, t.c["values"])
+                .where(t.c.job_id == job_id)
+                .order_by(t.c.id.desc())
+                .limit(1)
+            ).first()
+        if row is not None:
+            v = row[1] or {}
+            loss = v.get("train_loss")
+            ctx.progress(
+                f"step {row.step}/{v.get('total_steps', '?')}"
+                + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
+            )
+        rt = _runtime
+        if rt is None or rt.stop.wait(JOB_POLL_S):
+            raise _Interrupted()
+
+
+@DBOS.step(name="ModelEvaluation")
+def model_evaluation(run_id: str, trigger: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the job's adapter against PROD (or base) and apply the gate."""
+    from evertune import steps
+    from evertune.training.jobs import get_job
+
+    ws = _run_ws(trigger)
+    with _recorded(ws, run_id, "ModelEvaluation") as ctx:
+        _test_pause(ctx, "work")
+
+        def progress(label: str, done: int, total: int) -> None:
+            if _stopping():
+                raise _Interrupted()
+            ctx.progress(f"{label}: {done}/{total}")
+
+        report = steps.evaluate(ws, get_job(ws, tuned["job"]), progress=progress)
+        candidate = {k: v for k, v in report.means.get("candidate", {}).items() if v is not None}
+        ctx.outputs.update(
+            report=report.id,
+            verdict=report.verdict,
+            reasons=list(report.reasons)[:10],
+            reference=report.reference_role,
+            candidate=candidate,
+            eval_seconds=report.duration_s,
+        )
+        ctx.log(
+            f"report {report.id}: gate {report.verdict}"
+            + (f" ({'; '.join(report.reasons[:3])})" if report.reasons else "")
+        )
+        _test_pause(ctx, "after")
+        return dict(ctx.outputs)
+
+
+@DBOS.step(name="RegisterModel")
+def register_model(
+    run_id: str, trigger: dict[str, Any], tuned: dict[str, Any], evaluated: dict[str, Any]
+) -> dict[str, Any]:
+    """Register the job's adapter as a model version (the existing one on a re-run)."""
+    from evertune import steps
+    from evertune.evaluation.report import load_report
+    from evertune.training.jobs import get_job
+
+    ws = _run_ws(trigger)
+    with _recorded(ws, run_id, "RegisterModel") as ctx:
+        _test_pause(ctx, "work")
+        report = load_report(ws.evals_dir / evaluated["report"] / "report.json")
+        mv = steps.register(ws, get_job(ws, tuned["job"]), report)
+        ctx.outputs.update(
+            version=mv.version,
+            approval_status=mv.approval_status,
+            gate=mv.gate,
+            gate_reasons=list(mv.gate_reasons)[:10],
+            registered_at=mv.created_at,
+        )
+        ctx.log(f"registered {mv.name} v{mv.version}: {mv.approval_status} (gate {mv.gate})")
+        _test_pause(ctx, "after")
+        return dict(ctx.outputs)
+
+
+@DBOS.step(name="RunStarted")
+def _run_started(run_id: str, trigger: dict[str, Any]) -> None:
+    ws = _run_ws(trigger)
+    t = pipeline_runs
+    with _engine(ws).connect() as conn:
+        row = conn.execute(select(t.c.started_at).where(t.c.id == run_id)).first()
+    if row is None:  # enqueued without a row (a DBOS client in another process, a wiped table)
+        _insert_run(ws, run_id, ws.config.model.name, trigger, "running", started_at=time.time())
+        return
+    values: dict[str, Any] = {"status": "running"}
+    if row.started_at is None:
+        values["started_at"] = time.time()
+    with ws.engine.begin() as conn:
+        conn.execute(update(t).where(t.c.id == run_id).values(**values))
+
+
+@DBOS.step(name="RunFinished")
+def _run_finished(
+    run_id: str, trigger: dict[str, Any], registered: dict[str, Any] | None, error: str | None
+) -> None:
+    """Record the run's outcome and send the webhook (at least once; see notify.py)."""
+    from evertune import notify
+
+    ws = _run_ws(trigger)
+    with _engine(ws).begin() as conn:
+        conn.execute(
+            update(pipeline_runs)
+            .where(pipeline_runs.c.id == run_id)
+            .values(
+                status="failed" if error else "succeeded",
+                finished_at=time.time(),
+                error=error,
+                version=(registered or {}).get("version"),
+            )
+        )
+    base = {
+        "run_id": run_id,
+        "model": ws.config.model.name,
+        "trigger": {k: v for k, v in trigger.items() if k in ("source", "bucket", "key", "file")},
+    }
+    if error:
+        step, _, message = error.partition(": ")
+        if step not in STEPS:  # not a step failure (a bug in the workflow itself)
+            step, message = STEPS[0], error
+        event = {"event": "run.failed", **base, "step": step, "error": message}
+    else:
+        step = "RegisterModel"
+        event = {"event": "model.registered", **base, **(registered or {})}
+    if ws.config.notify.webhook_url:
+        ok = notify.send(ws, event)
+        state = "sent" if ok else "not delivered (see the server log)"
+        level = "info" if ok else "warn"
+        _append_log(ws, run_id, step, f"webhook {state}: {event['event']}", level)
+
+
+@DBOS.workflow(name=WORKFLOW_NAME)
+def tuning_pipeline(trigger: dict[str, Any]) -> dict[str, Any]:
+    """DataPreprocessing → FineTuning → ModelEvaluation → RegisterModel for one trigger."""
+    run_id = DBOS.workflow_id
+    assert run_id is not None, "tuning_pipeline runs only as a DBOS workflow"
+    _run_started(run_id, trigger)
+    try:
+        data = data_preprocessing(run_id, trigger)
+        tuned = fine_tuning(run_id, trigger, data)
+        evaluated = model_evaluation(run_id, trigger, tuned)
+        registered = register_model(run_id, trigger, tuned, evaluated)
+    except Exception as exc:
+        # The run failed: record it and return normally. pipeline_runs is the authority on a
+        # run's outcome; re-raising would only make DBOS log a traceback for every bad file.
+        error = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+        _run_finished(run_id, trigger, None, error)
+        return {"run_id": run_id, "status": "failed", "error": error}
+    _run_finished(run_id, trigger, registered, None)
+    return {"run_id": run_id, "status": "succeeded", **registered}
+
+
+def dbos_status(run_id: str) -> str | None:
+    """DBOS's own status of the run's workflow (ENQUEUED, PENDING, SUCCESS, ERROR, …)."""
+    if _runtime is None:
+        return None
+    status = _off_loop(lambda: DBOS.get_workflow_status(run_id))
+    return status.status if status else None

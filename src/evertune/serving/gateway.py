@@ -1,0 +1,887 @@
+"""The OpenAI-compatible serving gateway: routes, model-name resolution, hot swap.
+
+    from evertune.serving import Gateway
+    from evertune.monitoring import metrics_router
+    gateway = Gateway(ws)                     # stages ("prod", "qa"); `evertune serve`: ("prod",)
+    app.include_router(gateway.router)        # /v1/models, /v1/chat/completions, /v1/completions,
+    app.include_router(metrics_router())      # /v1/feedback; and /metrics
+    gateway.start()                           # in the app's lifespan; gateway.stop() at exit
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="evt_…")
+    client.chat.completions.create(model="assistant", messages=[...])   # model: "assistant@v3"
+
+`start()` loads the base model once and the versions the `prod`/`qa` aliases point at, then
+a follower thread polls the aliases every `serve.follow_seconds`. When an alias moves
+(promote, rollback), the new version is loaded beside the old one and only then does the
+stage pointer flip; a request holds the version it resolved until its last token, so
+in-flight requests finish on their model and no request fails during a swap. A version no
+stage points at is unloaded once idle (the most recently used `KEEP_IDLE_VERSIONS` stay
+loaded, so a quick rollback or a `NAME@vN` caller does not pay a reload).
+
+Every answer names the version that produced it: the `model` field (`NAME@v3`, or
+`NAME@base` while no version is in prod) and the `x-evertune-version` header. Metrics go to
+`evertune.monitoring` (labels: version, stage); a sample of requests goes to the request log,
+redacted; `POST /v1/feedback` turns a rating or correction into a training record in the
+bucket's `feedback/` prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from evertune.errors import NotFoundError
+from evertune.monitoring.feedback import build_record, write_feedback
+from evertune.monitoring.metrics import METRICS, ServingMetrics
+from evertune.monitoring.redact import DEFAULT_REDACTORS, Redactor
+from evertune.monitoring.request_log import RequestLog, get_request
+from evertune.serving import protocol as oai
+from evertune.serving.engine import (
+    BASE_KEY,
+    Engine,
+    EngineError,
+    Event,
+    Finished,
+    GenRequest,
+    TextDelta,
+)
+from evertune.serving.keys import ServingKeys
+from evertune.serving.names import Target, display_name, parse_model_name, version_label
+from evertune.serving.protocol import OpenAIError
+
+if TYPE_CHECKING:
+    from evertune.registry import Registry
+    from evertune.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prod", "qa")
+KEEP_IDLE_VERSIONS = 1  # versions no stage points at that stay loaded (LRU); each costs memory
+RECENT_RESPONSES = 5000  # responses remembered (redacted) so feedback can find their prompt
+NAMES_TTL_S = 5.0  # how long the list of registered versions is cached for /v1/models and 404s
+
+
+@dataclass
+class _Handle:
+    """A loaded model the gateway can route to."""
+
+    key: str  # engine key: "base" or "v3"
+    version: int | None  # None = the base model
+    stages: set[str] = field(default_factory=set)  # stages pointing here now
+    refs: int = 0  # requests in flight on it
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def label(self) -> str:
+        return version_label(self.version)
+
+
+@dataclass
+class _Call:
+    """One request's bookkeeping, from arrival to its metrics and log row."""
+
+    id: str
+    endpoint: str  # chat | completions
+    model: str  # the name the client sent
+    handle: _Handle
+    target: Target
+    params: oai.SamplingParams
+    prompt: Any  # messages (chat) or prompt(s) — for the log and feedback
+    sampled: bool
+    arrival: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    submit_at: float = 0.0  # perf_counter when the engine got the request
+    created: int = field(default_factory=oai.now)
+
+    @property
+    def answered_as(self) -> str:
+        return display_name(self.model.partition("@")[0], self.handle.version)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "x-evertune-version": self.handle.label,
+            "x-evertune-stage": self.target.stage,
+            "x-request-id": self.id,
+        }
+
+
+def make_engine(ws: Workspace, metrics: ServingMetrics | None = None) -> Engine:
+    """The engine `serve.engine` names, for the workspace's base model."""
+    from evertune.models import resolve_base_model
+
+    cfg = ws.config.serve
+    base = resolve_base_model(ws.config.model.base, ws.models_dir)
+    sink = metrics or METRICS
+    if cfg.engine == "vllm":
+        from evertune.serving.vllm_engine import VllmEngine
+
+        return VllmEngine(
+            base,
+            model_name=ws.config.model.name,
+            dtype=ws.config.model.dtype,
+            max_lora_rank=ws.config.train.lora.r,
+            max_tokens_limit=cfg.max_tokens_limit,
+            log_path=ws.state_dir / "vllm.log",
+        )
+    from evertune.serving.transformers_engine import TransformersEngine
+
+    return TransformersEngine(
+        base,
+        dtype=ws.config.model.dtype,
+        merge_adapters=cfg.merge_adapters,
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_ms=cfg.batch_wait_ms,
+        max_tokens_limit=cfg.max_tokens_limit,
+        threads=getattr(cfg, "threads", 0),  # serve.threads, once config.py has it
+        on_batch=lambda n: sink.batch_size.labels(engine="transformers").observe(n),
+    )
+
+
+class Gateway:
+    """OpenAI-compatible serving of one workspace model; see the module docstring."""
+
+    def __init__(
+        self,
+        ws: Workspace,
+        stages: Sequence[str] = STAGES,
+        *,
+        engine: Engine | None = None,
+        metrics: ServingMetrics | None = None,
+        redactors: Sequence[Redactor] = DEFAULT_REDACTORS,
+    ) -> None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {tuple(stages)}")
+        self.ws = ws
+        self.name = ws.config.model.name
+        self.cfg = ws.config.serve
+        self.stages = tuple(stages)
+        self.metrics = metrics or METRICS
+        self.request_log = RequestLog(ws, sample=self.cfg.request_log_sample, redactors=redactors)
+        self.keys = ServingKeys(ws)
+        self._engine = engine
+        self._lock = threading.Lock()  # guards _handles, _pointers and handle refs
+        self._key_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
+            threading.Lock
+        )
+        self._handles: dict[str, _Handle] = {}
+        self._pointers: dict[str, _Handle | None] = dict.fromkeys(self.stages)
+        self._failed: dict[str, int] = {}  # stage → version whose load failed (not retried)
+        self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._names: tuple[float, list[int]] = (float("-inf"), [])
+        self._registry: Registry | None = None
+        self._follower: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started = False
+        self.router = self._build_router()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("Gateway.start() has not run yet")
+        return self._engine
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            from evertune.registry import Registry
+
+            self._registry = Registry(self.ws)
+        return self._registry
+
+    def start(self) -> None:
+        """Load the base model and the stage versions, then start following the aliases.
+
+        Raises when a stage's version cannot be loaded: a server must not come up serving
+        something other than what prod says. (Later swaps that fail keep the old version.)
+        """
+        if self._started:
+            return
+        if self._engine is None:
+            self._engine = make_engine(self.ws, self.metrics)
+        self.engine.start()
+        with self._lock:
+            self._handles[BASE_KEY] = _Handle(BASE_KEY, None)
+        self.sync(raise_errors=True)
+        self._stop.clear()
+        self._follower = threading.Thread(
+            target=self._follow, name="evertune-follower", daemon=True
+        )
+        self._follower.start()
+        self._started = True
+        log.info("serving %s: %s", self.name, self.stage_versions())
+
+    def stop(self) -> None:
+        """Stop following, stop the engine, write the queued request-log rows."""
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=30)
+            self._follower = None
+        if self._engine is not None and self._started:
+            self.engine.stop()
+        self.request_log.close()
+        self._started = False
+
+    def stage_versions(self) -> dict[str, str | None]:
+        """What each served stage answers with now: {"prod": "v3", "qa": None}."""
+        with self._lock:
+            return {s: (h.label if h else None) for s, h in self._pointers.items()}
+
+    # -- following the aliases ---------------------------------------------------------------
+    def _follow(self) -> None:
+        while not self._stop.wait(self.cfg.follow_seconds):
+            try:
+                self.sync()
+            except Exception as exc:  # a registry hiccup must not stop following
+                log.warning("could not check the stage aliases: %s", exc)
+
+    def sync(self, raise_errors: bool = False) -> dict[str, str | None]:
+        """Check every stage alias once and swap where it moved; return the moves made."""
+        moves: dict[str, str | None] = {}
+        for stage in self.stages:
+            mv = self.registry.alias_version(stage)
+            version = mv.version if mv is not None else None
+            with self._lock:
+                current = self._pointers[stage]
+            if (current.version if current else None) == version:
+                self._failed.pop(stage, None)
+                continue
+            if version is not None and self._failed.get(stage) == version:
+                continue  # already failed to load; wait for the alias to move again
+            try:
+                self._swap(stage, version)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                self._failed[stage] = version or 0
+                log.error(
+                    "could not load v%s for %s; still serving %s: %s",
+                    version,
+                    stage,
+                    current.label if current else "nothing",
+                    exc,
+                )
+                continue
+            moves[stage] = version_label(version) if version is not None else None
+        return moves
+
+    def _swap(self, stage: str, version: int | None) -> None:
+        """Load `version` beside what serves `stage`, then flip the stage pointer to it."""
+        handle = self._ensure_loaded(version) if version is not None else None
+        with self._lock:
+            old = self._pointers[stage]
+            self._pointers[stage] = handle
+            if handle is not None:
+                handle.stages.add(stage)
+            if old is not None:
+                old.stages.discard(stage)
+                old.last_used = time.monotonic()
+        self.metrics.stage_version.labels(stage=stage).set(version or 0)
+        log.info(
+            "%s: %s → %s", stage, old.label if old else "none", handle.label if handle else "none"
+        )
+        self._evict_idle()
+
+    def _ensure_loaded(self, version: int) -> _Handle:
+        """The handle of `version`, loading it into the engine first if needed (blocking)."""
+        key = version_label(version)
+        with self._key_locks[key]:
+            with self._lock:
+                handle = self._handles.get(key)
+            if handle is not None:
+                return handle
+            path = self.registry.version_artifact_path(version)
+            self.engine.load(key, path)
+            with self._lock:
+                handle = self._handles.setdefault(key, _Handle(key, version))
+            return handle
+
+    def _evict_idle(self) -> None:
+        """Unload idle versions no stage points at, beyond the `KEEP_IDLE_VERSIONS` newest."""
+        with self._lock:
+            idle = sorted(
+                (h for h in self._handles.values() if h.version is not None and not h.stages),
+                key=lambda h: h.last_used,
+            )
+            excess = idle[: max(0, len(idle) - KEEP_IDLE_VERSIONS)]
+            gone = [h for h in excess if h.refs == 0]
+            for h in gone:
+                del self._handles[h.key]
+        for h in gone:
+            with self._key_locks[h.key]:
+                with self._lock:
+                    if h.key in self._handles:  # asked for again meanwhile: keep it
+                        continue
+                try:
+                    self.engine.unload(h.key)
+                except Exception as exc:
+                    log.warning("could not unload %s: %s", h.key, exc)
+
+    # -- resolving names ---------------------------------------------------------------------
+    def _registered(self) -> list[int]:
+        """Registered version numbers (cached for NAMES_TTL_S)."""
+        read_at, versions = self._names
+        if time.monotonic() - read_at > NAMES_TTL_S:
+            try:
+                versions = sorted(v.version for v in self.registry.list_versions())
+            except Exception as exc:
+                log.warning("could not list versions: %s", exc)
+            self._names = (time.monotonic(), versions)
+        return versions
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        """What /v1/models lists: stage names, the base model, every registered version."""
+        created = oai.now()
+        with self._lock:
+            pointers = dict(self._pointers)
+            loaded = set(self._handles)
+
+        def entry(model_id: str, version: int | None, stage: str) -> dict[str, Any]:
+            label = version_label(version)
+            return {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "evertune",
+                "version": label,
+                "stage": stage,
+                "loaded": label in loaded,
+            }
+
+        out = []
+        if "prod" in pointers:
+            prod = pointers["prod"]
+            version = prod.version if prod else None
+            out += [entry(self.name, version, "prod"), entry(f"{self.name}@prod", version, "prod")]
+        qa = pointers.get("qa")
+        if qa is not None:
+            out.append(entry(f"{self.name}@qa", qa.version, "qa"))
+        out.append(entry(f"{self.name}@base", None, "base"))
+        out += [entry(f"{self.name}@v{n}", n, "version") for n in self._registered()]
+        return out
+
+    def _not_found(self, raw: str, why: str) -> OpenAIError:
+        valid = ", ".join(e["id"] for e in self.model_entries())
+        return OpenAIError(
+            404,
+            f"The model `{raw}` does not exist{why}. Valid models: {valid}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def _acquire(self, raw: str) -> tuple[_Handle, Target]:
+        """Resolve a model name to a loaded handle and hold it (release with `_release`)."""
+        target = parse_model_name(raw, self.name)
+        if target is None:
+            raise await asyncio.to_thread(self._not_found, raw, "")
+        if target.kind in STAGES and target.kind not in self.stages:
+            raise await asyncio.to_thread(
+                self._not_found, raw, f" here: this server serves {', '.join(self.stages)} only"
+            )
+        for _ in range(3):  # an on-demand version evicted between loading and holding: retry
+            with self._lock:
+                handle: _Handle | None
+                if target.kind in STAGES:
+                    handle = self._pointers[target.kind]
+                    if handle is None and target.kind == "prod":
+                        handle = self._handles[BASE_KEY]  # nothing promoted yet: the base model
+                    if handle is None:
+                        break
+                else:
+                    handle = self._handles.get(version_label(target.version))
+                if handle is not None:
+                    handle.refs += 1
+                    handle.last_used = time.monotonic()
+                    return handle, target
+            assert target.version is not None
+            await self._load_on_demand(raw, target.version)
+        raise await asyncio.to_thread(self._not_found, raw, f": no version is in {target.kind}")
+
+    async def _load_on_demand(self, raw: str, version: int) -> None:
+        try:
+            await asyncio.to_thread(self.registry.get_version, version)
+        except NotFoundError:
+            raise await asyncio.to_thread(self._not_found, raw, "") from None
+        try:
+            await asyncio.to_thread(self._ensure_loaded, version)
+        except Exception as exc:
+            raise OpenAIError(
+                500, f"could not load {raw}: {exc}", code="model_load_failed"
+            ) from exc
+        self._evict_idle()
+
+    def _release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.refs -= 1
+            idle = handle.refs == 0 and not handle.stages and handle.version is not None
+        if idle:
+            self._evict_idle()
+
+    # -- the routes --------------------------------------------------------------------------
+    def _build_router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.get("/v1/models")
+        async def list_models(request: Request) -> Response:
+            try:
+                self._check_ready()
+                self.keys.check(request.headers.get("authorization"))
+            except OpenAIError as err:
+                return _error(err)
+            data = await asyncio.to_thread(self.model_entries)
+            return _json({"object": "list", "data": data})
+
+        @router.get("/v1/models/{model_id}")
+        async def get_model(model_id: str, request: Request) -> Response:
+            try:
+                self._check_ready()
+                self.keys.check(request.headers.get("authorization"))
+                entries = await asyncio.to_thread(self.model_entries)
+                for e in entries:
+                    if e["id"] == model_id:
+                        return _json(e)
+                raise await asyncio.to_thread(self._not_found, model_id, "")
+            except OpenAIError as err:
+                return _error(err)
+
+        @router.post("/v1/chat/completions")
+        async def chat_completions(request: Request) -> Response:
+            return await self._complete(request, "chat")
+
+        @router.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._complete(request, "completions")
+
+        @router.post("/v1/feedback")
+        async def feedback(request: Request) -> Response:
+            try:
+                self.keys.check(request.headers.get("authorization"))
+                body = oai.parse_json(await request.body())
+                return _json(await self._feedback(body))
+            except OpenAIError as err:
+                return _error(err)
+
+        return router
+
+    def _check_ready(self) -> None:
+        if not self._started:
+            raise OpenAIError(
+                503, "The model server is starting; retry in a few seconds.", code="not_ready"
+            )
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> str:
+        tok = self.engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise oai.bad(
+                "messages",
+                "this model has no chat template; use /v1/completions with a prompt instead",
+                "unsupported_model",
+            )
+        # Chat templates know system/user/assistant; "developer" is OpenAI's newer "system".
+        msgs = [
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+            for m in messages
+        ]
+        try:
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # templates raise for orders they do not support
+            raise oai.bad("messages", f"the chat template refused these messages: {exc}") from None
+        assert isinstance(text, str)
+        return text
+
+    async def _complete(self, request: Request, endpoint: str) -> Response:
+        """Both completion endpoints: validate, resolve, generate, answer (or stream)."""
+        t0 = time.perf_counter()
+        handle: _Handle | None = None
+        target: Target | None = None
+        try:
+            self._check_ready()
+            self.keys.check(request.headers.get("authorization"))
+            body = oai.parse_json(await request.body())
+            limit = self.cfg.max_tokens_limit
+            params: oai.ChatParams | oai.CompletionParams
+            if endpoint == "chat":
+                params = oai.parse_chat(body, max_tokens_limit=limit)
+            else:
+                params = oai.parse_completion(body, max_tokens_limit=limit)
+            handle, target = await self._acquire(params.model)
+            if isinstance(params, oai.ChatParams):
+                prompts, source, param = (
+                    [self._render_chat(params.messages)],
+                    params.messages,
+                    "messages",
+                )
+            else:
+                prompts, param = params.prompts, "prompt"
+                source = params.prompts if params.prompt_is_list else params.prompts[0]
+            gens = [
+                GenRequest(
+                    prompt=p,
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    stop=params.stop,
+                    seed=params.seed,
+                    stream=params.stream,
+                )
+                for p in prompts
+            ]
+            for gen in gens:
+                try:
+                    self.engine.prepare(gen)
+                except EngineError as exc:
+                    raise _from_engine(exc, param) from None
+        except OpenAIError as err:
+            if handle is not None:
+                self._release(handle)
+            self._count_error(endpoint, handle, target, err)
+            return _error(err)
+        call = _Call(
+            id=oai.new_id("chatcmpl" if endpoint == "chat" else "cmpl"),
+            endpoint=endpoint,
+            model=params.model,
+            handle=handle,
+            target=target,
+            params=params,
+            prompt=source,
+            sampled=self.request_log.sampled(),
+            t0=t0,
+        )
+        self.metrics.in_flight.labels(version=handle.label, stage=target.stage).inc()
+        if params.stream:
+            return StreamingResponse(
+                self._stream(call, gens),
+                media_type="text/event-stream",
+                headers={**call.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        try:
+            got: dict[int, Finished] = {}
+            async with contextlib.aclosing(self._events(call, gens)) as events:
+                async for i, event in events:
+                    if isinstance(event, Finished):
+                        got[i] = event
+        except EngineError as exc:
+            failure = _from_engine(exc, param)
+            self._finish(call, None, failure)
+            return _error(failure, call.headers)
+        except BaseException:  # cancelled (client gone, shutdown): still release the model
+            self._finish(call, None, OpenAIError(499, "request cancelled", code="cancelled"))
+            raise
+        finals = [got[i] for i in range(len(gens))]  # _events ends after every Finished
+        self._finish(call, finals, None)
+        return _json(self._response(call, finals), call.headers)
+
+    async def _events(
+        self, call: _Call, gens: list[GenRequest]
+    ) -> AsyncGenerator[tuple[int, Event], None]:
+        """Events of every prompt of a call, tagged with the prompt's index, as they come."""
+        call.submit_at = time.perf_counter()
+        key = call.handle.key
+        # aclosing: a client that goes away closes the engine streams at once, which cancels
+        # their rows in the batch (the engine's `finally`), instead of at garbage collection.
+        if len(gens) == 1:
+            async with contextlib.aclosing(self.engine.stream(key, gens[0])) as events:
+                async for event in events:
+                    yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
+
+        async def pump(i: int, gen: GenRequest) -> None:
+            try:
+                async with contextlib.aclosing(self.engine.stream(key, gen)) as events:
+                    async for event in events:
+                        await queue.put((i, event))
+            except Exception as exc:  # re-raised by the consumer below
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        left = len(gens)
+        try:
+            while left:
+                i, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield i, item
+                if isinstance(item, Finished):
+                    left -= 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, call: _Call, gens: list[GenRequest]) -> AsyncIterator[bytes]:
+        """The SSE body: chunks as tokens come, a final chunk per choice, usage, [DONE]."""
+        chat = call.endpoint == "chat"
+        finals: list[Finished | None] = [None] * len(gens)
+        error: OpenAIError | None = None
+        try:
+            if chat:
+                yield oai.sse(self._chunk(call, 0, {"role": "assistant", "content": ""}, None))
+            async with contextlib.aclosing(self._events(call, gens)) as events:
+                async for i, event in events:
+                    if isinstance(event, TextDelta):
+                        delta = {"content": event.text} if chat else event.text
+                        yield oai.sse(self._chunk(call, i, delta, None))
+                    else:
+                        finals[i] = event
+                        finish = oai.openai_finish(event.finish_reason)
+                        yield oai.sse(self._chunk(call, i, {} if chat else "", finish))
+            done = [f for f in finals if f is not None]
+            if call.params.include_usage:
+                chunk = self._chunk(call, 0, None, None)
+                chunk["choices"] = []
+                chunk["usage"] = oai.usage(
+                    sum(f.prompt_tokens for f in done), sum(f.completion_tokens for f in done)
+                )
+                yield oai.sse(chunk)
+        except EngineError as exc:
+            error = _from_engine(exc, "messages" if chat else "prompt")
+            yield oai.sse(error.body())
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: stop generating (closing _events cancels the rows).
+            error = OpenAIError(499, "client closed the connection", code="client_closed")
+            raise
+        finally:
+            complete = error is None and all(f is not None for f in finals)
+            self._finish(call, [f for f in finals if f is not None] if complete else None, error)
+        yield oai.SSE_DONE
+
+    def _chunk(self, call: _Call, index: int, delta: Any, finish: str | None) -> dict[str, Any]:
+        if call.endpoint == "chat":
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": finish}
+            kind = "text_completion"
+        return {
+            "id": call.id,
+            "object": kind,
+            "created": call.created,
+            "model": call.answered_as,
+            "system_fingerprint": f"evertune-{call.handle.label}",
+            "choices": [choice],
+        }
+
+    def _response(self, call: _Call, finals: list[Finished]) -> dict[str, Any]:
+        if call.endpoint == "chat":
+            f = finals[0]
+            choices = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f.text},
+                    "logprobs": None,
+                    "finish_reason": oai.openai_finish(f.finish_reason),
+                }
+            ]
+            kind = "chat.completion"
+        else:
+            choices = [
+                {
+                    "index": i,
+                    "text": f.text,
+                    "logprobs": None,
+                    "finish_reason": oai.openai_finish(f.finish_reason),
+                }
+                for i, f in enumerate(finals)
+            ]
+            kind = "text_completion"
+        return {
+            "id": call.id,
+            "object": kind,
+            "created": call.created,
+            "model": call.answered_as,
+            "system_fingerprint": f"evertune-{call.handle.label}",
+            "choices": choices,
+            "usage": oai.usage(
+                sum(f.prompt_tokens for f in finals), sum(f.completion_tokens for f in finals)
+            ),
+        }
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _count_error(
+        self, endpoint: str, handle: _Handle | None, target: Target | None, err: OpenAIError
+    ) -> None:
+        version = handle.label if handle else ""
+        stage = target.stage if target else ""
+        m = self.metrics
+        m.requests.labels(endpoint=endpoint, version=version, stage=stage, status="error").inc()
+        m.errors.labels(endpoint=endpoint, version=version, stage=stage, code=err.label).inc()
+
+    def _finish(
+        self, call: _Call, finals: list[Finished] | None, error: OpenAIError | None
+    ) -> None:
+        """Once per call: release the model, record metrics, remember and log the request."""
+        self._release(call.handle)
+        m, version, stage = self.metrics, call.handle.label, call.target.stage
+        m.in_flight.labels(version=version, stage=stage).dec()
+        duration = time.perf_counter() - call.t0
+        m.duration.labels(endpoint=call.endpoint, version=version, stage=stage).observe(duration)
+        if error is not None or finals is None:
+            err = error or OpenAIError(500, "generation did not finish", code="incomplete")
+            self._count_error(call.endpoint, call.handle, call.target, err)
+            self._log(call, None, err, duration)
+            return
+        m.requests.labels(endpoint=call.endpoint, version=version, stage=stage, status="ok").inc()
+        m.prompt_tokens.labels(version=version, stage=stage).inc(
+            sum(f.prompt_tokens for f in finals)
+        )
+        m.completion_tokens.labels(version=version, stage=stage).inc(
+            sum(f.completion_tokens for f in finals)
+        )
+        queued = call.submit_at - call.t0  # validation, resolution, tokenization before the engine
+        for f in finals:
+            if f.ttft_s is not None:
+                m.ttft.labels(version=version, stage=stage).observe(queued + f.ttft_s)
+                if f.completion_tokens > 1:
+                    tpot = (f.total_s - f.ttft_s) / (f.completion_tokens - 1)
+                    m.tpot.labels(version=version, stage=stage).observe(tpot)
+        self._remember(call, finals)
+        self._log(call, finals, None, duration)
+
+    def _remember(self, call: _Call, finals: list[Finished]) -> None:
+        texts = [f.text for f in finals]
+        source = {
+            "endpoint": call.endpoint,
+            "prompt": self.request_log.redact(call.prompt),
+            "completion": self.request_log.redact(texts if len(texts) > 1 else texts[0]),
+            "version": call.handle.label,
+            "model": call.model,
+        }
+        with self._lock:
+            self._recent[call.id] = source
+            while len(self._recent) > RECENT_RESPONSES:
+                self._recent.popitem(last=False)
+
+    def _log(
+        self, call: _Call, finals: list[Finished] | None, error: OpenAIError | None, duration: float
+    ) -> None:
+        if not call.sampled:
+            return
+        finals = finals or []
+        texts = [f.text for f in finals]
+        p = call.params
+        ttfts = [f.ttft_s for f in finals if f.ttft_s is not None]
+        self.request_log.record({
+            "id": call.id, "created_at": call.arrival, "model": call.model,
+            "version": call.handle.label, "stage": call.target.stage, "endpoint": call.endpoint,
+            "status": "ok" if error is None else "error", "prompt": call.prompt,
+            "completion": (texts if len(texts) > 1 else texts[0]) if texts else None,
+            "finish_reason": finals[0].finish_reason if finals else None,
+            "prompt_tokens": sum(f.prompt_tokens for f in finals),
+            "completion_tokens": sum(f.completion_tokens for f in finals),
+            "ttft_s": (call.submit_at - call.t0) + min(ttfts) if ttfts else None,
+            "duration_s": duration,
+            "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                       "stop": p.stop, "seed": p.seed, "stream": p.stream},
+            "error": error.message if error else None,
+        })  # fmt: skip
+
+    # -- feedback ----------------------------------------------------------------------------
+    async def _feedback(self, body: dict[str, Any]) -> dict[str, Any]:
+        response_id = body.get("id")
+        if not isinstance(response_id, str) or not response_id:
+            raise oai.bad(
+                "id",
+                "'id' must be the id of a response (chatcmpl-… or cmpl-…)",
+                "missing_required_parameter",
+            )
+        rating = body.get("rating")
+        if rating is not None and not oai._is_number(rating):
+            raise oai.bad(
+                "rating", "'rating' must be a number (e.g. 1 or -1, or a 1–5 score)", "invalid_type"
+            )
+        correction = body.get("correction")
+        if correction is not None and (not isinstance(correction, str) or not correction.strip()):
+            raise oai.bad("correction", "'correction' must be a non-empty string", "invalid_type")
+        if rating is None and correction is None:
+            raise oai.bad("rating", "send a 'rating', a 'correction', or both")
+        comment = body.get("comment")
+        index = oai._int(body, "index") or 0
+        source = await self._feedback_source(response_id, body)
+        try:
+            record = build_record(
+                source,
+                response_id=response_id,
+                rating=rating,
+                correction=self.request_log.redact(correction) if correction else None,
+                comment=comment if isinstance(comment, str) else None,
+                index=index,
+            )
+        except ValueError as exc:
+            param = "messages" if "messages" in str(exc) else "prompt"
+            raise oai.bad(param, str(exc)) from None
+        try:
+            key = await asyncio.to_thread(write_feedback, self.ws, record, response_id)
+        except Exception as exc:
+            raise OpenAIError(
+                500, f"could not write the feedback to the bucket: {exc}", code="storage_error"
+            ) from exc
+        meta = record["feedback"]
+        return {
+            "id": meta["id"],
+            "object": "feedback",
+            "response_id": response_id,
+            "label": meta["label"],
+            "key": key,
+        }
+
+    async def _feedback_source(self, response_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """What was asked and answered: the body's, else remembered, else the request log's."""
+        with self._lock:
+            source = dict(self._recent.get(response_id) or {})
+        if not source:
+            logged = await asyncio.to_thread(get_request, self.ws, response_id)
+            if logged is not None:
+                source = {
+                    "endpoint": logged.endpoint,
+                    "prompt": logged.prompt,
+                    "completion": logged.completion,
+                    "version": logged.version,
+                    "model": logged.model,
+                }
+        if isinstance(body.get("messages"), list):
+            source.update(endpoint="chat", prompt=self.request_log.redact(body["messages"]))
+        elif isinstance(body.get("prompt"), str):
+            source.update(endpoint="completions", prompt=self.request_log.redact(body["prompt"]))
+        if isinstance(body.get("completion"), str):
+            source["completion"] = self.request_log.redact(body["completion"])
+        if not source.get("prompt"):
+            raise OpenAIError(
+                404,
+                f"No response {response_id!r} is known here (not recent, not in the request "
+                f"log); send 'messages' (or 'prompt') and 'completion' with the feedback",
+                param="id",
+                code="response_not_found",
+            )
+        return source
+
+
+def _from_engine(exc: EngineError, param: str) -> OpenAIError:
+    # The engine says "prompt" for whatever the prompt was made of; chat calls it messages.
+    name = param if exc.param == "prompt" else exc.param
+    return OpenAIError(exc.status, exc.message, param=name, code=exc.code)
+
+
+def _json(payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(payload, headers=headers)
+
+
+def _error(err: OpenAIError, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)

@@ -1,0 +1,316 @@
+"""The durable pipeline in-process: full runs on the tiny model, queueing, webhooks, restarts.
+
+    .venv/bin/pytest tests/test_pipeline.py -q
+
+Real DBOS (SQLite), a real moto S3 server and a real http.server on loopback; DBOS is one per
+process, so each test launches the runtime for its workspace and shuts it down after.
+The kill -9 tests are in tests/e2e/test_crash_recovery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evertune import notify, pipeline, steps
+from evertune.bucket import Bucket
+from evertune.errors import NotFoundError
+from evertune.registry import Registry
+from evertune.trigger import Watcher
+from evertune.workspace import Workspace
+from tests.conftest import make_workspace
+from tests.test_bucket import make_s3_bucket, moto_s3, s3_env  # noqa: F401 (fixtures)
+
+# Fast evaluation: no embedding model, a gate on loss only (the verdict does not matter here).
+PIPELINE_SETTINGS: dict[str, dict[str, Any]] = {
+    "eval": {
+        "max_examples": 8,
+        "max_new_tokens": 8,
+        "batch_size": 8,
+        "metrics": ["loss", "rouge", "exact_match"],
+    },
+    "gate": {
+        "bootstrap_samples": 200,
+        "rules": [{"metric": "loss", "higher_is_better": False, "non_inferiority_margin": 10.0}],
+    },
+    "trigger": {"settle_seconds": 0, "poll_seconds": 0.1},
+}
+TEAMS = ["billing", "shipping", "account", "technical", "returns"]
+
+
+def tickets(n: int = 40, tag: str = "") -> bytes:
+    """`n` short input/output records (they fit the tiny model's max_seq_len)."""
+    rows = [
+        {"input": f"ticket {i}{tag}: my {TEAMS[i % 5]} issue {i}", "output": TEAMS[i % 5]}
+        for i in range(n)
+    ]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+class Webhook:
+    """A tiny webhook receiver on a free loopback port; `events` collects the POSTed JSON."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        events = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                events.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/evertune?token=s3cret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def _wait(predicate: Any, timeout: float = 120, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_s3_drop_runs_all_steps_queues_the_next_and_notifies(
+    s3_env: str,  # noqa: F811
+    tmp_path: Path,
+    tiny_model: Path,
+    webhook: Webhook,
+) -> None:
+    url = make_s3_bucket(s3_env, "team-data")
+    ws = make_workspace(
+        tmp_path / "ws",
+        tiny_model,
+        **PIPELINE_SETTINGS,
+        storage={"bucket": url},
+        notify={"webhook_url": webhook.url},
+    )
+    pipeline.launch(ws)
+    try:
+        bucket = Bucket.for_workspace(ws)
+        watcher = Watcher(ws)
+        landed = time.time()
+        bucket.write_bytes("raw-data/tickets.jsonl", tickets())
+        [good] = watcher.scan_once()
+        # The job id is visible while training runs.
+        _wait(lambda: pipeline.get_run(ws, good).job_id, what="FineTuning to start the job")
+        assert pipeline.get_run(ws, good).step("FineTuning").status == "running"
+
+        # One run per model at a time: a drop while a run is going waits, visible as queued.
+        bucket.write_bytes("raw-data/broken.jsonl", b'{"input": "no output field"}\n')
+        [bad] = watcher.scan_once()
+        time.sleep(2 * pipeline.QUEUE_POLL_S)  # the queue had time to start it, and did not
+        queued = pipeline.get_run(ws, bad)
+        assert queued.status == "queued" and queued.started_at is None
+        assert [s.status for s in queued.steps] == ["pending"] * 4
+
+        run = pipeline.wait_run(ws, good, timeout=300)
+        assert run.status == "succeeded", run.error
+        assert run.version == 1
+        assert [s.name for s in run.steps] == list(pipeline.STEPS)
+        for step in run.steps:
+            assert step.status == "succeeded" and step.attempts == 1
+            assert step.started_at and step.finished_at and step.duration_s >= 0
+            messages = [line["message"] for line in step.logs]
+            assert messages[0] == "started" and "succeeded" in messages
+        assert run.started_at >= landed and run.finished_at >= run.step("RegisterModel").finished_at
+        data = run.step("DataPreprocessing").outputs
+        assert data["file"] == "raw-data/tickets.jsonl" and data["counts"]["total"] == 40
+        tuned = run.step("FineTuning").outputs
+        assert tuned["job"].startswith("ftjob-") and tuned["trained_tokens"] > 0
+        assert run.step("ModelEvaluation").outputs["verdict"] in ("pass", "fail")
+        reg = run.step("RegisterModel").outputs
+        assert reg["version"] == 1 and reg["approval_status"] in (
+            "PendingManualApproval",
+            "Rejected",
+        )
+        assert any(
+            "webhook sent: model.registered" in line["message"]
+            for line in run.step("RegisterModel").logs
+        )
+        [mv] = Registry(ws).list_versions()
+        assert mv.pipeline_run == good and mv.job == tuned["job"]
+        assert mv.dataset == data["training_dataset"]
+        assert len(json.dumps(run.model_dump())) < 20_000  # step outputs stay small
+
+        failed = pipeline.wait_run(ws, bad, timeout=60)
+        assert failed.status == "failed"
+        assert failed.started_at >= run.finished_at  # it waited for the first run
+        assert failed.error.startswith("DataPreprocessing: ")
+        assert "raw-data/broken.jsonl" in failed.error
+        assert failed.step("DataPreprocessing").error in failed.error
+        assert failed.version is None
+
+        _wait(lambda: len(webhook.events) >= 2, timeout=10, what="two webhook events")
+        registered, fail = webhook.events
+        assert registered["event"] == "model.registered" and registered["version"] == 1
+        assert registered["run_id"] == good and registered["model"] == "assistant"
+        assert "assistant v1 registered" in registered["text"]
+        assert fail["event"] == "run.failed" and fail["run_id"] == bad
+        assert fail["step"] == "DataPreprocessing" and "broken.jsonl" in fail["error"]
+        assert [r.id for r in pipeline.list_runs(ws)] == [bad, good]
+    finally:
+        pipeline.shutdown()
+
+
+@pytest.mark.slow
+def test_api_run_survives_a_restart_while_its_job_keeps_training(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = make_workspace(tmp_path / "ws", tiny_model, **PIPELINE_SETTINGS)
+    # What POST /v1/fine_tuning/jobs does before it starts the run.
+    upload = tmp_path / "upload.jsonl"
+    upload.write_bytes(tickets(tag=" api"))
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(tickets(12, tag=" other"))
+    steps.preprocess(ws, [other])  # cumulative mode must not pull this into an API run
+    [dataset] = steps.preprocess(ws, [upload]).versions
+    from evertune.training.jobs import create_job, get_job, list_events, list_jobs
+
+    job = create_job(ws, dataset, run_id="run-api-1")
+    trigger = {
+        "source": "api",
+        "run_id": "run-api-1",
+        "file": str(upload),
+        "dataset": dataset.id,
+        "overrides": ["eval.max_new_tokens=4"],
+    }
+
+    # Stop the runtime while FineTuning waits: the training process (its own session) goes on.
+    monkeypatch.setenv(pipeline.PAUSE_ENV, "FineTuning")
+    pipeline.launch(ws, warm=False)
+    try:
+        assert pipeline.start_run(ws, trigger) == "run-api-1"
+        assert pipeline.start_run(ws, trigger) == "run-api-1"  # idempotent
+        _wait(
+            lambda: any(
+                "test hook" in line["message"]
+                for line in pipeline.get_run(ws, "run-api-1").step("FineTuning").logs
+            ),
+            timeout=60,
+            what="FineTuning to start the job",
+        )
+    finally:
+        pipeline.shutdown()
+    assert get_job(ws, job.id).status == "running"
+
+    monkeypatch.delenv(pipeline.PAUSE_ENV)
+    pipeline.launch(ws)
+    try:
+        run = pipeline.wait_run(ws, "run-api-1", timeout=300)
+    finally:
+        pipeline.shutdown()
+    assert run.status == "succeeded", run.error
+    assert run.step("DataPreprocessing").outputs["training_dataset"] == dataset.id
+    assert run.step("DataPreprocessing").outputs["versions"] == [dataset.id]  # same content
+    fine_tuning = run.step("FineTuning")
+    assert fine_tuning.outputs["job"] == job.id and fine_tuning.attempts == 2
+    assert any(f"job {job.id} is still training" in line["message"] for line in fine_tuning.logs)
+    assert not any("resumed" in e.message for e in list_events(ws, job.id))  # waited, not resumed
+    assert [j.id for j in list_jobs(ws)] == [job.id]
+    assert Registry(ws).get_version(run.version).pipeline_run == "run-api-1"
+
+
+def test_shutdown_interrupts_a_step_and_the_next_launch_resumes_it(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = make_workspace(tmp_path / "ws", tiny_model, **PIPELINE_SETTINGS)
+    Bucket.for_workspace(ws).write_bytes("raw-data/bad.jsonl", b"not json\n")
+    monkeypatch.setenv(pipeline.PAUSE_ENV, "DataPreprocessing")
+    pipeline.launch(ws, warm=False)
+    try:
+        [run_id] = Watcher(ws).scan_once()
+        _wait(
+            lambda: any(
+                "test hook" in line["message"]
+                for line in pipeline.get_run(ws, run_id).step("DataPreprocessing").logs
+            ),
+            timeout=30,
+            what="the paused step",
+        )
+    finally:
+        pipeline.shutdown()
+    paused = pipeline.get_run(ws, run_id)
+    assert paused.status == "running" and paused.step("DataPreprocessing").status == "running"
+    assert "interrupted by shutdown" in paused.step("DataPreprocessing").logs[-1]["message"]
+
+    monkeypatch.delenv(pipeline.PAUSE_ENV)
+    pipeline.launch(ws, warm=False)
+    try:
+        run = pipeline.wait_run(ws, run_id, timeout=30)
+    finally:
+        pipeline.shutdown()
+    step = run.step("DataPreprocessing")
+    assert run.status == "failed" and step.status == "failed" and step.attempts == 2
+    assert "started again after a restart (attempt 2)" in [line["message"] for line in step.logs]
+    assert "bad.jsonl is not JSON Lines" in run.error
+    assert len(pipeline.list_runs(ws)) == 1
+
+
+def test_runtime_and_trigger_errors(workspace: Workspace) -> None:
+    trigger = {"source": "bucket", "bucket": "b", "key": "raw-data/a.jsonl", "version": "v1"}
+    with pytest.raises(pipeline.PipelineError, match="evertune up"):
+        pipeline.start_run(workspace, trigger)  # not launched in this process
+    assert pipeline.run_id_for(trigger) == pipeline.run_id_for(dict(trigger))
+    assert pipeline.run_id_for(trigger) != pipeline.run_id_for({**trigger, "version": "v2"})
+    assert pipeline.run_id_for(trigger).startswith("run-")
+    with pytest.raises(pipeline.PipelineError, match="lacks version"):
+        pipeline.run_id_for({"source": "bucket", "bucket": "b", "key": "k"})
+    pipeline.launch(workspace, warm=False)
+    try:
+        pipeline.launch(workspace, warm=False)  # idempotent for the same workspace
+        with pytest.raises(pipeline.PipelineError, match="unknown"):
+            pipeline.start_run(workspace, {"source": "ftp"})
+        with pytest.raises(pipeline.PipelineError, match="needs run_id"):
+            pipeline.start_run(workspace, {"source": "api", "file": "x.jsonl"})
+        with pytest.raises(NotFoundError, match="no pipeline run 'run-nope'"):
+            pipeline.get_run(workspace, "run-nope")
+        assert pipeline.list_runs(workspace) == []
+    finally:
+        pipeline.shutdown()
+
+
+def test_notify_never_raises(workspace: Workspace, webhook: Webhook, caplog: Any) -> None:
+    assert notify.send(workspace, {"event": "run.failed"}) is False  # no URL configured
+    assert notify.post("ftp://example.com/hook", {"event": "x"}) is False
+    dead = "http://127.0.0.1:9/hook?token=s3cret"  # discard port: nothing listens
+    assert notify.post(dead, {"event": "run.failed"}, timeout=1) is False
+    assert "s3cret" not in caplog.text and "127.0.0.1" in caplog.text
+    event = {
+        "event": "run.failed",
+        "run_id": "run-1",
+        "model": "m",
+        "step": "FineTuning",
+        "error": "job x failed",
+    }
+    assert notify.post(webhook.url, event) is True
+    assert (
+        webhook.events[0]["text"] == "Evertune: run run-1 for m failed at FineTuning: job x failed"
+    )
