@@ -13,5 +13,5 @@ PYTHON=${PYTHON:-.venv/bin/python}
 $EVERTUNE init "$WS"
 $PYTHON examples/make_sample_data.py "$WS/bucket/raw-data/tickets.jsonl" --bad-rows 3
 $EVERTUNE -w "$WS" data add "$WS/bucket/raw-data/tickets.jsonl"
-$EVERTUNE -w "$WS" tune
+$EVERTUNE -w "$WS" tune --set train.n_epochs=1
 $EVERTUNE -w "$WS" models list

@@ -564,6 +564,79 @@ def tokens_revoke(token: str = typer.Argument(..., help="Token id or name.")) ->
     console.print(f"Token #{info.id} ({info.name}, {info.role}) revoked.")
 
 
+# -- pipeline runs and request logs -----------------------------------------------------------
+runs_app = typer.Typer(help="Pipeline runs: one per new object in the bucket (or API job).", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+_STATE_COLOURS = {"succeeded": "green", "failed": "red", "running": "cyan", "queued": "yellow", "pending": "white"}
+
+
+@runs_app.command("list")
+def runs_list(limit: int = typer.Option(20, "--limit", "-n", min=1)) -> None:
+    """List pipeline runs, newest first."""
+    from evertune.pipeline import list_runs
+
+    t = Table()
+    for col in ("run", "status", "trigger", "step", "version", "created", "duration"):
+        t.add_column(col)
+    for r in list_runs(_open(), limit=limit):
+        trig = r.trigger.get("key") or r.trigger.get("file_id") or r.trigger.get("source", "-")
+        cur = next((s.name for s in r.steps if s.status == "running"), "-")
+        c = _STATE_COLOURS.get(r.status, "white")
+        dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
+        t.add_row(r.id, f"[{c}]{r.status}[/]", str(trig), cur, f"v{r.version}" if r.version else "-", _when(r.created_at), dur)
+    console.print(t if t.row_count else "No runs yet: drop a file under the bucket's raw-data/ while `evertune up` runs.")
+
+
+@runs_app.command("show")
+def runs_show(run_id: str = typer.Argument(...)) -> None:
+    """Show a run as its DAG of steps, with states, timings, outputs and logs."""
+    from rich.tree import Tree
+
+    from evertune.pipeline import get_run
+
+    r = get_run(_open(), run_id)
+    c = _STATE_COLOURS.get(r.status, "white")
+    tree = Tree(f"[bold]{r.id}[/] [{c}]{r.status}[/]  trigger {json.dumps(r.trigger)}", highlight=False)
+    icons = {"succeeded": "✔", "failed": "✘", "running": "▶", "pending": "·"}
+    node = tree
+    for step in r.steps:
+        sc = _STATE_COLOURS.get(step.status, "white")
+        dur = f" {step.duration_s:.1f}s" if step.duration_s is not None else ""
+        node = node.add(f"[{sc}]{icons.get(step.status, '?')} {step.name}[/] {step.status}{dur}" + (f"  attempts {step.attempts}" if step.attempts > 1 else ""))
+        if step.outputs:
+            node.add("outputs " + json.dumps(step.outputs), style="dim")
+        for line in step.logs[-5:]:
+            node.add(f"{_when(line.get('t') or line.get('created_at'))} {line.get('message', line)}", style="dim")
+        if step.error:
+            node.add(f"[red]{step.error}[/]")
+    console.print(tree)
+    if r.error:
+        console.print(f"[red]error:[/] {r.error}", highlight=False)
+
+
+@app.command()
+def logs(
+    limit: int = typer.Option(20, "--limit", "-n", min=1),
+    version: str = typer.Option(None, "--version", "-v", help="Only requests answered by this version (v3)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
+) -> None:
+    """The serving request log (sampled, redacted), newest first."""
+    from evertune.monitoring import list_requests
+
+    rows = list_requests(_open(), limit=limit, version=version)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r.to_dict()))
+        return
+    t = Table()
+    for col in ("time", "model", "status", "tokens in/out", "ttft", "prompt", "completion"):
+        t.add_column(col)
+    for r in rows:
+        ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "-"
+        t.add_row(_when(r.created_at), f"{r.model} ({r.version})", r.status, f"{r.prompt_tokens}/{r.completion_tokens}", ttft, str(r.prompt)[:60], str(r.completion)[:60])
+    console.print(t if t.row_count else "No requests logged yet.")
+
+
 # -- processes -----------------------------------------------------------------------------
 @app.command()
 def up(
