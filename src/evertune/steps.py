@@ -58,13 +58,13 @@ def finetune(
     run_id: str | None = None,
     on_progress: Progress | None = None,
 ) -> Job:
-    """FineTuning: start the job (or find the one this run already started) and wait for it."""
-    from evertune.training.jobs import create_job, start_job, wait_job
+    """FineTuning: start the job (or find the one this run already started) and wait for it.
 
-    job = create_job(ws, dataset, parent=parent, run_id=run_id)
-    if job.status in ("validating_files", "queued"):
-        job = start_job(ws, job.id)
-    return wait_job(ws, job.id, on_progress=on_progress)
+    A job whose process died is resumed from its checkpoint (see `run_finetune`).
+    """
+    from evertune.training.jobs import run_finetune
+
+    return run_finetune(ws, dataset, parent=parent, on_progress=on_progress, run_id=run_id)
 
 
 def follow(ws: Workspace, job_id: str, on_progress: Progress | None = None) -> Job:
