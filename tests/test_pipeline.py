@@ -26,6 +26,7 @@ from evertune.registry import Registry
 from evertune.trigger import Watcher
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
+from tests.e2e.test_cli import evertune
 from tests.test_bucket import make_s3_bucket, moto_s3, s3_env  # noqa: F401 (fixtures)
 
 # Fast evaluation: no embedding model, a gate on loss only (the verdict does not matter here).
@@ -176,6 +177,15 @@ def test_s3_drop_runs_all_steps_queues_the_next_and_notifies(
         assert fail["event"] == "run.failed" and fail["run_id"] == bad
         assert fail["step"] == "DataPreprocessing" and "broken.jsonl" in fail["error"]
         assert [r.id for r in pipeline.list_runs(ws)] == [bad, good]
+
+        # `evertune runs wait` (the quickstart follows its run with it): the outcome and exit code.
+        ok = evertune("-w", str(ws.root), "runs", "wait", good, cwd=tmp_path)
+        assert f"run {good} succeeded: registered assistant v1" in ok.stdout
+        assert "FineTuning" in ok.stdout and "RegisterModel" in ok.stdout  # the step table
+        no = evertune("-w", str(ws.root), "runs", "wait", bad, cwd=tmp_path, check=False)
+        assert no.returncode == 1 and f"run {bad} failed" in no.stderr and "broken.jsonl" in no.stderr
+        unknown = evertune("-w", str(ws.root), "runs", "wait", "run-nope", cwd=tmp_path, check=False)
+        assert unknown.returncode != 0 and "no pipeline run 'run-nope'" in unknown.stderr
     finally:
         pipeline.shutdown()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -398,12 +399,15 @@ def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> 
 
 # -- models --------------------------------------------------------------------------------
 @models_app.command("list")
-def models_list() -> None:
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print the versions as a JSON list.")) -> None:
     """List registered versions with status, gate and key metrics."""
     from evertune.registry import Registry
 
     ws = _open()
     versions = Registry(ws).list_versions()
+    if as_json:
+        print(json.dumps([v.to_dict() for v in versions], default=str))
+        return
     if not versions:
         console.print(f"No versions of {ws.config.model.name} yet: [bold]evertune tune[/]")
         return
@@ -612,6 +616,67 @@ def runs_show(run_id: str = typer.Argument(...)) -> None:
     console.print(tree)
     if r.error:
         console.print(f"[red]error:[/] {r.error}", highlight=False)
+
+
+@runs_app.command("wait")
+def runs_wait(
+    run_id: str = typer.Argument(None, help="Run id (default: the newest run; if there is none yet, the next one to start)."),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds to wait before giving up (the run keeps going)."),
+) -> None:
+    """Wait for a pipeline run to finish, showing its steps live; exit 1 if it failed."""
+    from rich.live import Live
+
+    from evertune.pipeline import find_run, get_run, list_runs
+
+    ws = _open()
+    deadline = time.monotonic() + timeout
+    if run_id:
+        run = get_run(ws, run_id)  # an unknown id is an error at once, with recent run ids
+    else:
+        with console.status("waiting for a pipeline run to start (drop a file under the bucket's raw-data/; is `evertune up` running?)"):
+            while (run := next(iter(list_runs(ws, limit=1)), None)) is None:
+                if time.monotonic() > deadline:
+                    err_console.print(f"[red]error:[/] no pipeline run started within {timeout:g} s; is `evertune up` running, and is the file under the bucket's raw-data/?")
+                    raise typer.Exit(1)
+                time.sleep(0.5)
+    with Live(_run_table(ws, run), console=console, refresh_per_second=4, transient=False) as live:
+        while not run.finished:
+            if time.monotonic() > deadline:
+                live.update(_run_table(ws, run))
+                err_console.print(f"[yellow]run {run.id} is still {run.status} after {timeout:g} s; it keeps going (`evertune runs show {run.id}`)[/]")
+                raise typer.Exit(1)
+            time.sleep(0.5)
+            run = find_run(ws, run.id) or run
+            live.update(_run_table(ws, run))
+    if not console.is_terminal:
+        console.print(_run_table(ws, run))  # Live draws nothing into a log file or a pipe
+    if run.status != "succeeded":
+        err_console.print(f"[red]run {run.id} failed[/]: {run.error}", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green]run {run.id} succeeded[/]" + (f": registered {run.model} v{run.version} (`evertune models show {run.version}`)" if run.version else ""))
+
+
+def _run_table(ws: Workspace, run: Any) -> Table:
+    """A run's steps as a table; the FineTuning row carries the job's step, loss and ETA."""
+    from evertune.training import jobs
+
+    c = _STATE_COLOURS.get(run.status, "white")
+    t = Table(title=f"run {run.id} [{c}]{run.status}[/]", title_justify="left")
+    for col in ("step", "status", "time", "detail"):
+        t.add_column(col)
+    for step in run.steps:
+        sc = _STATE_COLOURS.get(step.status, "white")
+        detail = step.error or (step.logs[-1].get("message", "") if step.logs else "")
+        if step.name == "FineTuning" and step.status == "running" and run.job_id:
+            job = jobs.get_job(ws, run.job_id)
+            p = jobs.progress_of(jobs.list_metrics(ws, job.id), job)
+            if p["total_steps"]:
+                loss = f", loss {p['loss']:.3f}" if isinstance(p["loss"], (int, float)) else ""
+                eta = f", ETA {p['eta']:.0f} s" if isinstance(p["eta"], (int, float)) else ""
+                detail = f"job {job.id}: step {p['step']}/{p['total_steps']}{loss}{eta}"
+        dur = f"{step.duration_s:.1f}s" if step.duration_s is not None else "-"
+        t.add_row(step.name, f"[{sc}]{step.status}[/]", dur, str(detail)[:100])
+    return t
 
 
 @app.command()

@@ -562,7 +562,8 @@ def check_alive(ws: Workspace, job_id: str) -> Job:
     return job
 
 
-def _progress(rows: list[dict[str, Any]], job: Job) -> dict[str, Any]:
+def progress_of(rows: list[dict[str, Any]], job: Job) -> dict[str, Any]:
+    """The job's latest progress from its metric rows (see `wait_job` for the keys)."""
     empty: dict[str, Any] = {}
     train = next((r for r in reversed(rows) if "train_loss" in r), empty)
     val = next((r for r in reversed(rows) if "val_loss" in r), empty)
@@ -607,7 +608,7 @@ def wait_job(
                 ).first()
             if new is not None:
                 seen = new.id
-                on_progress(_progress(list_metrics(ws, job_id), job))
+                on_progress(progress_of(list_metrics(ws, job_id), job))
         if job.finished:
             return job
         if (
