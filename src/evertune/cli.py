@@ -709,13 +709,13 @@ def up(
     port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
     sets: list[str] = SetOpt,
 ) -> None:
-    """Run everything on one port: control API, pipeline runtime, bucket watcher, serving."""
+    """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""
     ws = _open(sets)
     _quiet_libraries()
     from evertune import server
 
     h, p = host or ws.config.server.host, port or ws.config.server.port
-    console.print(f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url} — http://{h}:{p}  (Ctrl-C stops)")
+    console.print(f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n  console http://{h}:{p}/  (sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops", highlight=False)
     server.run(ws, host=h, port=p)
 
 

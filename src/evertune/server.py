@@ -3,7 +3,7 @@
     evertune -w demo up                       # control API, pipeline, bucket watcher, serving
     evertune -w demo serve --stage prod --port 8001
 
-`up` composes, on one port: the control API (`/api`, the OpenAI fine-tuning API under
+`up` composes, on one port: the web console (`/`), the control API (`/api`, the OpenAI fine-tuning API under
 `/v1/files` and `/v1/fine_tuning`), the OpenAI-compatible serving endpoints (`/v1/models`,
 `/v1/chat/completions`, `/v1/completions`, `/v1/feedback`), Prometheus metrics (`/metrics`),
 and in its lifespan the DBOS runtime (which resumes interrupted pipeline runs) and the bucket
@@ -68,7 +68,10 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
     if control:
         from evertune.api import create_router
 
+        from evertune.web import console_router
+
         app.include_router(create_router(ws))
+        app.include_router(console_router(ws))
     if gateway is not None:
         app.include_router(gateway.router)
         app.state.gateway = gateway
