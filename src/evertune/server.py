@@ -12,6 +12,7 @@ watcher. Nothing durable lives in this process: killing it loses nothing (see pi
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,11 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
             watcher.start()
         if gateway is not None:
             gateway.start()
+        # Everything loaded so far (torch, MLflow, DBOS, the models) lives for the whole
+        # process: freeze it out of the garbage collector, whose full passes over those
+        # millions of objects otherwise stall a request for half a second (bench/console_render.py).
+        gc.collect()
+        gc.freeze()
         app.state.ready = True
         try:
             yield
@@ -67,7 +73,6 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
 
     if control:
         from evertune.api import create_router
-
         from evertune.web import console_router
 
         app.include_router(create_router(ws))

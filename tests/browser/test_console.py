@@ -181,6 +181,8 @@ def test_approver_follows_a_run_approves_and_rolls_back(
     shots(page, "model-v2-approved")
     page.goto("/")
     assert prod_card(page) == "v2"
+    # v2 passed through QA on its way; the QA card shows only a version that is in QA now.
+    assert by_testid(page, "qa-card").locator(".big").inner_text().strip() == "—"
     shots(page, "overview-after-approve")
 
     # Roll back: the confirm dialog, then PROD is v1 again, on the page and in the registry.

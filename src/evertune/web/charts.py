@@ -81,26 +81,32 @@ def _frame(x_ticks: list[float], y_ticks: list[float], sx, sy, x_label: str, y_l
     return out
 
 
-def _svg(body: list[str], title: str, legend: list[str] | None = None) -> Markup:
+def _svg(body: list[str], title: str, legend: list[str] | None = None, caption: bool = False) -> Markup:
+    caption_html = f'<figcaption>{escape(title)}</figcaption>' if caption and title else ""
     legend_html = ""
     if legend:
         items = "".join(f'<span class="key series-{i % 6}"><i></i>{escape(name)}</span>' for i, name in enumerate(legend))
         legend_html = f'<div class="legend">{items}</div>'
     return Markup(
-        f'<figure class="chart"><svg viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
+        f'<figure class="chart">{caption_html}<svg viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
         f'preserveAspectRatio="xMidYMid meet"><title>{escape(title)}</title>{"".join(body)}</svg>'
         f"{legend_html}</figure>"
     )
 
 
 def line_chart(series: Sequence[Series], *, title: str = "", x_label: str = "", y_label: str = "",
-               y_min: float | None = None) -> Markup:
-    """A line chart of `series`; an empty-data note when there is nothing to draw."""
+               y_min: float | None = None, x_range: tuple[float, float] | None = None,
+               caption: bool = False) -> Markup:
+    """A line chart of `series`; an empty-data note when there is nothing to draw.
+
+    `x_range` fixes the x axis (e.g. a whole time window, however little of it has data);
+    `caption` shows the title above the chart (the SVG carries it as its accessible name anyway).
+    """
     pts = [(x, y) for s in series for x, y in s.points if y is not None and math.isfinite(y)]
     if not pts:
         return Markup(f'<p class="empty">No data yet for {escape(title or "this chart")}.</p>')
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    x_ticks = nice_ticks(min(xs), max(xs))
+    x_ticks = nice_ticks(*(x_range or (min(xs), max(xs))))
     lo = min(ys) if y_min is None else min(y_min, min(ys))
     y_ticks = nice_ticks(lo, max(ys))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
@@ -126,7 +132,7 @@ def line_chart(series: Sequence[Series], *, title: str = "", x_label: str = "", 
             elif len(seg) == 1:
                 cx, cy = seg[0].split(",")
                 body.append(f'<circle class="dot series-{i % 6}" cx="{cx}" cy="{cy}" r="3"/>')
-    return _svg(body, title, [s.label for s in series])
+    return _svg(body, title, [s.label for s in series], caption)
 
 
 def bar_chart(bars: Sequence[tuple[str, float]], *, title: str = "", x_label: str = "", y_label: str = "") -> Markup:

@@ -141,6 +141,9 @@ def comparison_chart(report: EvalReport, split: SplitReport) -> Markup:
         body += _difference_panel(row, mid, top)
     legend = "".join(f'<span class="key series-{ROLE_SERIES[role]}"><i></i>'
                      f"{escape(_role_label(report, role))}</span>" for role in roles)
+    legend += ('<span class="key delta-better"><i></i>Δ better</span>'
+               '<span class="key delta-worse"><i></i>Δ worse</span>'
+               '<span class="key delta-same"><i></i>Δ no clear change</span>')
     title = f"{split.name}: candidate vs {ref_label}"
     return Markup(
         f'<figure class="chart"><svg viewBox="0 0 {W} {height}" role="img" '
@@ -194,17 +197,18 @@ def _difference_panel(row: Row, mid: float, top: float) -> list[str]:
         at = sx(-row.margin if row.higher_is_better else row.margin)
         out.append(f'<line class="axis" x1="{at:.1f}" x2="{at:.1f}" y1="{mid - 8}" y2="{mid + 8}">'
                    f"<title>non-inferiority margin {_fmt(row.margin)}</title></line>")
-    series = {"better": 2, "worse": 1}.get(row.css, 0)
+    # Coloured by verdict, not by model: the legend's model colours would mislead here.
+    tone = {"better": "delta-better", "worse": "delta-worse"}.get(row.css, "delta-same")
     if row.ci_low is not None and row.ci_high is not None:
         x0, x1 = sx(row.ci_low), sx(row.ci_high)
         ci = f"CI [{_signed(row.ci_low)}, {_signed(row.ci_high)}]"
-        whisker = f'class="whisker series-{series}"'
+        whisker = f'class="whisker {tone}"'
         out.append(f'<line {whisker} x1="{x0:.1f}" x2="{x1:.1f}" y1="{mid}" y2="{mid}">'
                    f"<title>{escape(row.metric)}: {ci}</title></line>")
         out += [f'<line {whisker} x1="{x:.1f}" x2="{x:.1f}" y1="{mid - 5}" y2="{mid + 5}"/>'
                 for x in (x0, x1)]
     what = "" if row.gated else " (not gated)"
-    out.append(f'<circle class="dot series-{series}" cx="{sx(row.difference):.1f}" cy="{mid}" '
+    out.append(f'<circle class="dot {tone}" cx="{sx(row.difference):.1f}" cy="{mid}" '
                f'r="4"><title>{escape(row.metric)}: difference {_signed(row.difference)}{what}'
                "</title></circle>")
     return out

@@ -67,7 +67,10 @@ def add_routes(router: APIRouter, c: Console) -> None:
         runs = pipeline.list_runs(ws, limit=10)
         return page(
             request, me, "overview.html", title="Overview",
-            model=ws.config.model.name, prod=by_alias.get("prod"), qa=by_alias.get("qa"),
+            # The qa alias stays on a version after it moves on to prod (or is retired); the
+            # QA card shows only a version that is in QA now.
+            model=ws.config.model.name, prod=by_alias.get("prod"),
+            qa=next((v for v in versions if v.stage == "qa"), None),
             pending=pending, runs=runs, health=summary(ws, window_s=900),
             live=any(not r.finished for r in runs),
         )

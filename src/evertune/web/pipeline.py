@@ -197,6 +197,8 @@ def short(value: Any) -> str:
 
 def _trigger_items(run: Run) -> list[OutputItem]:
     """What started the run: bucket and key with the object version, or the API caller."""
+    from evertune.web.render import when
+
     labels = {"source": "source", "bucket": "bucket", "key": "object key",
               "version": "object version", "file": "uploaded file", "dataset": "dataset",
               "actor": "started by", "overrides": "overrides"}
@@ -210,8 +212,10 @@ def _trigger_items(run: Run) -> list[OutputItem]:
         else:
             items.append(OutputItem(label, text=short(value)))
     # Keys a newer trigger may carry, shown rather than hidden.
-    items += [OutputItem(k, text=short(v)) for k, v in run.trigger.items()
-              if k not in labels and k != "run_id"]
+    for k, v in run.trigger.items():
+        if k not in labels and k != "run_id":
+            # Not _output_item: a trigger's `version` is the object version, not a model's.
+            items.append(OutputItem(k, text=when(v) if k.endswith("_at") and isinstance(v, (int, float)) else short(v)))
     return items
 
 
