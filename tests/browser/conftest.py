@@ -162,7 +162,7 @@ def chromium() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ConsoleServer]:
     """`evertune up` on a workspace with v1 in PROD and v2 (from a real pipeline run) pending."""
     root = tmp_path_factory.mktemp("browser")
@@ -211,7 +211,9 @@ def console(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
             proc.wait(10)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: Playwright's sync API keeps an asyncio loop running in the main
+# thread while it is open, and later tests that call asyncio.run() (tests/serving) would fail.
+@pytest.fixture(scope="package")
 def browser(chromium: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
