@@ -115,7 +115,9 @@ def init(
     console.print(f"  bucket        {ws.bucket_url}  (drop data under raw-data/)")
     console.print(f"  state         {ws.state_dir}")
     console.print(f"  admin token   stored in {ws.state_dir / 'token'} (mode 0600) for this CLI")
-    console.print(f"\nNext: [bold]evertune -w {directory} data add FILE.jsonl[/]")
+    console.print(f"\nNext: [bold]evertune -w {directory} up[/] and drop a JSON Lines file under {ws.bucket_url}/raw-data/ "
+                  f"(the console is at http://{ws.config.server.host}:{ws.config.server.port}/), "
+                  f"or one round by hand: [bold]evertune -w {directory} data add FILE.jsonl[/] then [bold]tune[/]")
 
 
 # -- data --------------------------------------------------------------------------------
