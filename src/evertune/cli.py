@@ -651,7 +651,7 @@ def runs_wait(
             run = find_run(ws, run.id) or run
             live.update(_run_table(ws, run))
     if not console.is_terminal:
-        console.print(_run_table(ws, run))  # Live draws nothing into a log file or a pipe
+        console.print()  # Live leaves its last frame without a line end in a log file or pipe
     if run.status != "succeeded":
         err_console.print(f"[red]run {run.id} failed[/]: {run.error}", highlight=False)
         raise typer.Exit(1)
