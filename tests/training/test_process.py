@@ -106,7 +106,7 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(workspace, sft_da
 def test_run_finetune_is_idempotent_per_run_id(workspace, sft_dataset):
     seen: list[dict] = []
     job = run_finetune(workspace, sft_dataset, on_progress=seen.append, run_id="run-7")
-    assert job.status == "succeeded" and job.run_id == "run-7"
+    assert job.status == "succeeded" and job.run_id == "run-7", job.error
     assert seen and seen[-1]["step"] == seen[-1]["total_steps"] and seen[-1]["eta"] == 0
     assert {"loss", "tokens_per_s", "val_loss"} <= seen[-1].keys()
     again = run_finetune(workspace, sft_dataset, run_id="run-7")  # a re-run pipeline step

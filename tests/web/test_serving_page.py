@@ -27,7 +27,7 @@ from evertune.workspace import Workspace
 from tests.api.helpers import add_dataset, register, untrained_adapter, use_mlflow_template
 from tests.conftest import make_workspace
 
-NOW = time.time()
+NOW = time.time()  # reset by the `ws` fixture: rows are dated relative to when they are written
 # (version, stage, status, ttft_s) per logged request, all within the last 15 minutes.
 # v1: ttft p50 0.3 s, 1 error in 5; v2: p50 (0.4 + 0.6) / 2 = 0.5 s, 2 errors in 4.
 ROWS = [
@@ -57,6 +57,10 @@ def _entry(
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Workspace:
+    global NOW
+    # Not the import time: in a full run this module's tests start minutes after collection,
+    # and rows dated from then would fall out of the 15-minute window.
+    NOW = time.time()
     root = tmp_path_factory.mktemp("serving")
     ws = use_mlflow_template(make_workspace(root / "ws", tiny_model,
                                             serve={"request_log_sample": SAMPLE}))
