@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from evertune import models
 
 from evertune.errors import ModelError
 from evertune.models import load_for_inference, load_model, load_tokenizer, resolve_base_model
 
 
-def test_packaged_default_is_converted_once_and_reused(tmp_path: Path) -> None:
-    path = resolve_base_model("smollm2-135m-instruct", tmp_path)
+def test_packaged_default_is_converted_once_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `evertune up` resolves it from two threads at start-up (pipeline warm-up and serving);
+    # two loads at once used to leave tied weights on the meta device and fail the save.
+    conversions: list[Path] = []
+    convert = models._convert_gguf
+    monkeypatch.setattr(models, "_convert_gguf",
+                        lambda gguf, target: (conversions.append(target), convert(gguf, target)))
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: resolve_base_model("smollm2-135m-instruct", tmp_path),
+                              range(2)))
+    assert len(conversions) == 1 and paths[0] == paths[1]
+    path = paths[0]
     weights = path / "model.safetensors"
     assert weights.is_file() and (path / "tokenizer.json").is_file()
     mtime = weights.stat().st_mtime_ns

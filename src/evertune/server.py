@@ -36,22 +36,25 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal watcher
-        if control:
-            from evertune import pipeline
-            from evertune.trigger import Watcher
-
-            pipeline.launch(ws)
-            watcher = Watcher(ws)
-            watcher.start()
-        if gateway is not None:
-            gateway.start()
-        # Everything loaded so far (torch, MLflow, DBOS, the models) lives for the whole
-        # process: freeze it out of the garbage collector, whose full passes over those
-        # millions of objects otherwise stall a request for half a second (bench/console_render.py).
-        gc.collect()
-        gc.freeze()
-        app.state.ready = True
+        # The finally also runs when start-up fails (serving cannot load a version, say), so
+        # the pipeline's threads stop and the process exits with the error instead of lingering.
         try:
+            if control:
+                from evertune import pipeline
+                from evertune.trigger import Watcher
+
+                pipeline.launch(ws)
+                watcher = Watcher(ws)
+                watcher.start()
+            if gateway is not None:
+                gateway.start()
+            # Everything loaded so far (torch, MLflow, DBOS, the models) lives for the whole
+            # process: freeze it out of the garbage collector, whose full passes over those
+            # millions of objects otherwise stall a request for half a second
+            # (bench/console_render.py).
+            gc.collect()
+            gc.freeze()
+            app.state.ready = True
             yield
         finally:
             if watcher is not None:

@@ -201,6 +201,8 @@ def test_approver_follows_a_run_approves_and_rolls_back(
     assert dialogs and "roll back" in dialogs[0].lower(), dialogs  # asked before acting
     flash_ok(page)
     assert prod_card(page) == "v1"
+    # The qa alias still names v2 (serving's NAME@qa answers with it): the page says it is retired.
+    assert "v2 (now retired)" in by_testid(page, "qa-note").inner_text()
     shots(page, "deployments-rolled-back")
     assert console.api("deployments")["prod"]["version"] == 1
     assert (console.stage(1), console.stage(2)) == ("prod", "retired")

@@ -158,3 +158,24 @@ def test_overlong_rows_rejected_or_truncated(tmp_path, tiny_model):
 
     # Without a tokenizer the length check is skipped.
     assert validate_file(f).rejects == []
+
+
+def test_answers_users_rated_down_are_rejected_not_trained_on(tmp_path):
+    from evertune.monitoring.feedback import build_record
+
+    served = {"endpoint": "chat", "prompt": [{"role": "user", "content": "Where is my parcel?"}],
+              "completion": "No idea.", "version": "v3", "model": "assistant@prod"}
+    f = write(tmp_path / "feedback.jsonl",
+              build_record(served, response_id="chatcmpl-1", rating=1, correction=None),
+              build_record(served, response_id="chatcmpl-2", rating=-1, correction=None),
+              build_record(served, response_id="chatcmpl-3", rating=-1, correction="shipping"))
+    r = validate_file(f)
+    assert problems(r) == [(2, "feedback.label", "negative_feedback")]
+    assert "correction" in r.rejects[0].reason
+    assert [rec["messages"][-1]["content"] for rec in r.records] == ["No idea.", "shipping"]
+
+    # A feedback object holding only a rated-down answer is no training data at all.
+    only = write(tmp_path / "down.jsonl",
+                 build_record(served, response_id="chatcmpl-4", rating=-1, correction=None))
+    with pytest.raises(DataError, match="line 1: feedback.label: a user rated"):
+        validate_file(only)

@@ -11,7 +11,9 @@ or a JSON array / pretty-printed document), no row of a known format, no valid r
 
 The file's format is the format of its first valid row; rows of another format are rejected
 (`wrong_format`), so one bad export cannot silently mix SFT and DPO data. Blank lines are
-skipped. A `.txt` file is the text format, one record per blank-line-separated paragraph.
+skipped. Feedback records of answers users rated down (`feedback.label: negative`, written by
+serving's /v1/feedback) are rejected as `negative_feedback`: they are kept for review, never
+trained on. A `.txt` file is the text format, one record per blank-line-separated paragraph.
 
 With a tokenizer, each record is measured as it will be trained (chat template + EOS);
 longer than `max_seq_len` is rejected (`too_long`) or, with `overlong="truncate"`, kept and
@@ -86,6 +88,15 @@ class FileResult:
     @property
     def rejected_rows(self) -> int:
         return len({r.line for r in self.rejects})
+
+
+def _rated_down(row: dict[str, Any]) -> bool:
+    """A feedback record (evertune.monitoring.feedback) that keeps an answer a user rated down.
+
+    Such records hold the served answer, not a better one: training on them would teach the
+    model exactly what users disliked. A correction is labelled `corrected` and is kept."""
+    meta = row.get("feedback")
+    return isinstance(meta, dict) and meta.get("label") == "negative"
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -238,6 +249,12 @@ def validate_file(
         problems: list[RowProblem] = validate_row(row, fmt)
         if problems:
             rejects += [Reject(name, line, p.field, p.code, p.reason, row) for p in problems]
+            continue
+        if _rated_down(row):
+            rejects.append(Reject(name, line, "feedback.label", "negative_feedback",
+                                  "a user rated this served answer down and gave no correction, "
+                                  "so it is not trained on; post a `correction` to /v1/feedback "
+                                  "to make it a training example", row))
             continue
         record = clean_record(row, fmt)
         if tokenizer is not None:

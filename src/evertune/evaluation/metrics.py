@@ -147,10 +147,13 @@ def embedding_model() -> SentenceTransformer:
     """The sentence-transformers model, loaded once per process from local files only."""
     from sentence_transformers import SentenceTransformer
 
-    from evertune.models import device
+    from evertune.models import device, model_load_lock
 
-    # local_files_only: the package ships every file; never reach for a hub.
-    return SentenceTransformer(str(embedding_model_path()), device=device(), local_files_only=True)
+    # local_files_only: the package ships every file; never reach for a hub. Under the model
+    # lock: it is a from_pretrained too, and may overlap serving loading a version.
+    with model_load_lock():
+        return SentenceTransformer(str(embedding_model_path()), device=device(),
+                                   local_files_only=True)
 
 
 def embedding_cosine(

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import copy
 import logging
 import threading
@@ -59,10 +58,9 @@ DEFAULT_CONTEXT = 2048  # tokens, for a model config without max_position_embedd
 def _model_load_lock() -> AbstractContextManager[Any]:
     """The process-wide model-loading lock of `evertune.models` (loads patch torch globals,
     so a version loading here must not overlap a pipeline step loading a model)."""
-    from evertune import models
+    from evertune.models import model_load_lock
 
-    lock = getattr(models, "_LOAD_LOCK", None)
-    return lock if lock is not None else contextlib.nullcontext()
+    return model_load_lock()
 
 
 @dataclass
