@@ -21,10 +21,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base_url", help="The /v1 base URL, e.g. http://127.0.0.1:8000/v1")
     ap.add_argument("question")
-    ap.add_argument("--model", default="assistant", help="Model name (NAME serves PROD, NAME@vN a version).")
+    ap.add_argument("--model", default="assistant",
+                    help="Model name (NAME serves PROD, NAME@vN a version).")
     ap.add_argument("--api-key", default="", help="A serving key, if the workspace has any.")
     ap.add_argument("--expect-version", help="Fail unless this version answered.")
-    ap.add_argument("--wait", type=float, default=60.0, help="Seconds to wait for --expect-version to answer.")
+    ap.add_argument("--wait", type=float, default=60.0,
+                    help="Seconds to wait for --expect-version to answer.")
     args = ap.parse_args()
     body = {"model": args.model, "messages": [{"role": "user", "content": args.question}],
             "max_tokens": 16, "temperature": 0}
@@ -42,15 +44,18 @@ def main() -> int:
                 answer = json.load(resp)
                 version = resp.headers.get("x-evertune-version", "?")
         except urllib.error.HTTPError as exc:
-            print(f"error: {exc.code} from {req.full_url}: {exc.read().decode(errors='replace')}", file=sys.stderr)
+            print(f"error: {exc.code} from {req.full_url}: {exc.read().decode(errors='replace')}",
+                  file=sys.stderr)
             return 1
         if not args.expect_version or version.lstrip("v") == str(args.expect_version).lstrip("v"):
             break
         if time.monotonic() > deadline:
-            print(f"error: expected version {args.expect_version} to answer, got {version} for {args.wait:g} s", file=sys.stderr)
+            print(f"error: expected version {args.expect_version} to answer, "
+                  f"got {version} for {args.wait:g} s", file=sys.stderr)
             return 1
         time.sleep(1)
-    print(f"{answer['model']} (version {version}) answered: {answer['choices'][0]['message']['content']!r}")
+    print(f"{answer['model']} (version {version}) answered: "
+          f"{answer['choices'][0]['message']['content']!r}")
     return 0
 
 

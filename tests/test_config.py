@@ -33,7 +33,9 @@ def test_unknown_key_is_named_with_its_path() -> None:
 
 def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(ConfigError) as err:
-        parse_config({"train": {"n_epochs": 0, "learning_rate": "fast"}, "data": {"overlong": "drop"}})
+        parse_config(
+            {"train": {"n_epochs": 0, "learning_rate": "fast"}, "data": {"overlong": "drop"}}
+        )
     problems = err.value.problems
     assert len(problems) == 3
     joined = "\n".join(problems)
@@ -47,7 +49,13 @@ def test_split_ratios_must_sum_to_one() -> None:
 
 
 def test_set_overrides_parse_yaml_values_and_nest() -> None:
-    cfg = parse_config({}, ["train.n_epochs=2", "train.lora.target_modules=[q_proj, v_proj]", "data.golden_set=g.jsonl"])
+    cfg = parse_config(
+        {},
+        [
+            "train.n_epochs=2", "train.lora.target_modules=[q_proj, v_proj]",
+            "data.golden_set=g.jsonl",
+        ],
+    )
     assert cfg.train.n_epochs == 2
     assert cfg.train.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.golden_set == "g.jsonl"

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from evertune import models
-
 from evertune.errors import ModelError
 from evertune.models import load_for_inference, load_model, load_tokenizer, resolve_base_model
 
@@ -39,7 +38,9 @@ def test_packaged_default_is_converted_once_and_reused(
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
     assert getattr(model.config, "quantization_config", None) is None
     tok = load_tokenizer(path)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
 
 

@@ -183,8 +183,12 @@ def test_s3_drop_runs_all_steps_queues_the_next_and_notifies(
         assert f"run {good} succeeded: registered assistant v1" in ok.stdout
         assert "FineTuning" in ok.stdout and "RegisterModel" in ok.stdout  # the step table
         no = evertune("-w", str(ws.root), "runs", "wait", bad, cwd=tmp_path, check=False)
-        assert no.returncode == 1 and f"run {bad} failed" in no.stderr and "broken.jsonl" in no.stderr
-        unknown = evertune("-w", str(ws.root), "runs", "wait", "run-nope", cwd=tmp_path, check=False)
+        assert (
+            no.returncode == 1 and f"run {bad} failed" in no.stderr and "broken.jsonl" in no.stderr
+        )
+        unknown = evertune(
+            "-w", str(ws.root), "runs", "wait", "run-nope", cwd=tmp_path, check=False
+        )
         assert unknown.returncode != 0 and "no pipeline run 'run-nope'" in unknown.stderr
     finally:
         pipeline.shutdown()

@@ -23,4 +23,7 @@ def test_readme_starts_with_the_two_commands() -> None:
         "bash scripts/install && bash examples/quickstart.sh",
         "bash scripts/install && .venv/bin/python -m pytest",
     ]
-    assert "bash scripts/install && .venv/bin/python -m pytest" in (README.parent / ".ci" / "run").read_text()
+    assert (
+        "bash scripts/install && .venv/bin/python -m pytest"
+        in (README.parent / ".ci" / "run").read_text()
+    )

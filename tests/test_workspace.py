@@ -38,7 +38,9 @@ def test_init_twice_keeps_the_existing_workspace(tmp_path: Path) -> None:
     assert again.config.model.name == "support-bot"
 
 
-def test_open_finds_the_workspace_from_a_subfolder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_finds_the_workspace_from_a_subfolder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     Workspace.init(tmp_path)
     sub = tmp_path / "a" / "b"
     sub.mkdir(parents=True)
@@ -47,7 +49,9 @@ def test_open_finds_the_workspace_from_a_subfolder(tmp_path: Path, monkeypatch: 
     assert Workspace.open().root == tmp_path.resolve()
 
 
-def test_open_outside_a_workspace_says_how_to_create_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_outside_a_workspace_says_how_to_create_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EVERTUNE_HOME", raising=False)
     with pytest.raises(WorkspaceError, match="evertune init"):

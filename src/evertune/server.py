@@ -1,13 +1,15 @@
-"""The Evertune processes: `evertune up` (everything on one port) and `evertune serve` (serving only).
+"""The Evertune processes: `evertune up` (everything on one port) and `evertune serve`
+(serving only).
 
     evertune -w demo up                       # control API, pipeline, bucket watcher, serving
     evertune -w demo serve --stage prod --port 8001
 
-`up` composes, on one port: the web console (`/`), the control API (`/api`, the OpenAI fine-tuning API under
-`/v1/files` and `/v1/fine_tuning`), the OpenAI-compatible serving endpoints (`/v1/models`,
-`/v1/chat/completions`, `/v1/completions`, `/v1/feedback`), Prometheus metrics (`/metrics`),
-and in its lifespan the DBOS runtime (which resumes interrupted pipeline runs) and the bucket
-watcher. Nothing durable lives in this process: killing it loses nothing (see pipeline.py).
+`up` composes, on one port: the web console (`/`), the control API (`/api`, the OpenAI
+fine-tuning API under `/v1/files` and `/v1/fine_tuning`), the OpenAI-compatible serving
+endpoints (`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/feedback`),
+Prometheus metrics (`/metrics`), and in its lifespan the DBOS runtime (which resumes
+interrupted pipeline runs) and the bucket watcher. Nothing durable lives in this process:
+killing it loses nothing (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ if TYPE_CHECKING:
     from evertune.workspace import Workspace
 
 
-def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, stages: tuple[str, ...] = ("prod", "qa")) -> FastAPI:
+def create_app(
+    ws: Workspace, *, control: bool = True, serving: bool = True,
+    stages: tuple[str, ...] = ("prod", "qa"),
+) -> FastAPI:
     """The ASGI app; `control=False` gives a serving-only process."""
     from fastapi import FastAPI
 
@@ -72,7 +77,10 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
-        return {"status": "ok" if app.state.ready else "starting", "workspace": str(ws.root), "model": ws.config.model.name}
+        return {
+            "status": "ok" if app.state.ready else "starting", "workspace": str(ws.root),
+            "model": ws.config.model.name,
+        }
 
     if control:
         from evertune.api import create_router
@@ -87,7 +95,10 @@ def create_app(ws: Workspace, *, control: bool = True, serving: bool = True, sta
     return app
 
 
-def run(ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True, stages: tuple[str, ...] = ("prod", "qa")) -> None:
+def run(
+    ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True,
+    stages: tuple[str, ...] = ("prod", "qa"),
+) -> None:
     """Serve the app with uvicorn until interrupted."""
     import uvicorn
 

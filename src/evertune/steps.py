@@ -74,7 +74,10 @@ def follow(ws: Workspace, job_id: str, on_progress: Progress | None = None) -> J
     job = wait_job(ws, job_id, on_progress=on_progress)
     if job.status != "succeeded":
         err = job.error or {}
-        raise JobError(f"job {job.id} {job.status}: {err.get('message', 'see `evertune jobs events ' + job.id + '`')}")
+        raise JobError(
+            f"job {job.id} {job.status}: "
+            f"{err.get('message', 'see `evertune jobs events ' + job.id + '`')}"
+        )
     return job
 
 
@@ -112,7 +115,9 @@ def evaluate(ws: Workspace, job: Job, progress: Progress | None = None) -> EvalR
     )
 
 
-def evaluate_version(ws: Workspace, version: str, dataset_ref: str | None = None, progress: Progress | None = None) -> EvalReport:
+def evaluate_version(
+    ws: Workspace, version: str, dataset_ref: str | None = None, progress: Progress | None = None
+) -> EvalReport:
     """`evertune eval VERSION`: a registered version against PROD (if another) and base."""
     from evertune.data.store import get_dataset
     from evertune.evaluation import ModelRef, evaluate_candidate
@@ -120,7 +125,10 @@ def evaluate_version(ws: Workspace, version: str, dataset_ref: str | None = None
 
     registry = Registry(ws)
     mv = registry.get_version(version)
-    candidate = ModelRef(label=f"v{mv.version}", adapter=registry.version_artifact_path(mv.version), version=str(mv.version))
+    candidate = ModelRef(
+        label=f"v{mv.version}", adapter=registry.version_artifact_path(mv.version),
+        version=str(mv.version),
+    )
     return evaluate_candidate(
         ws,
         candidate,

@@ -24,7 +24,8 @@ CHAT_TEMPLATE = (
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
-    "Please route this support ticket to the right team: billing, shipping, account, technical or returns.",
+    "Please route this support ticket to the right team: "
+    "billing, shipping, account, technical or returns.",
     "My card was charged twice for the same order and I want a refund.",
     "The package has not arrived yet and the tracking number does not work.",
     "I cannot log in to my account after resetting the password.",

@@ -39,12 +39,14 @@ HOME_ENV = "EVERTUNE_HOME"
 
 
 def find_root(start: Path | None = None) -> Path:
-    """The workspace folder: `start`, else $EVERTUNE_HOME, else the nearest parent of cwd with evertune.yaml."""
+    """The workspace folder: `start`, else $EVERTUNE_HOME, else the nearest parent of cwd with
+    evertune.yaml."""
     if start is not None:
         if (start / CONFIG_FILE).is_file():
             return start.resolve()
         raise WorkspaceError(
-            f"{start} is not an Evertune workspace (no {CONFIG_FILE}); create one with `evertune init {start}`"
+            f"{start} is not an Evertune workspace (no {CONFIG_FILE}); "
+            f"create one with `evertune init {start}`"
         )
     env = os.environ.get(HOME_ENV)
     if env:
@@ -66,7 +68,9 @@ class Workspace:
     overrides: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, root: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Workspace:
+    def open(
+        cls, root: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    ) -> Workspace:
         root = find_root(root)
         cfg = load_config(root / CONFIG_FILE, list(overrides))
         return cls(root=root, config=cfg, overrides=list(overrides))

@@ -23,10 +23,13 @@ pytestmark = pytest.mark.slow
 def evertune(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "evertune.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "evertune.cli", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"evertune {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"evertune {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -40,17 +43,23 @@ def test_init_data_tune_eval_models(tmp_path: Path, tiny_model: Path) -> None:
     cfg["model"]["base"] = str(tiny_model)
     for section, values in TINY_SETTINGS.items():
         cfg[section].update(values)
-    cfg["data"]["max_seq_len"] = 384  # the tiny tokenizer spends more tokens on a ticket than a real one
+    # the tiny tokenizer spends more tokens on a ticket than a real one
+    cfg["data"]["max_seq_len"] = 384
     (ws / "evertune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     data = ws / "bucket" / "raw-data" / "tickets.jsonl"
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "make_sample_data.py"), str(data), "--rows", "60", "--bad-rows", "3"],
+        [sys.executable, str(ROOT / "examples" / "make_sample_data.py"), str(data),
+         "--rows", "60", "--bad-rows", "3"],
         check=True, capture_output=True,
     )
     out = evertune("data", "add", str(data), cwd=ws)
     assert "3 row(s) rejected" in out.stdout
-    rejected = [json.loads(line) for line in (ws / ".evertune" / "datasets").glob("*/rejected.jsonl").__next__().read_text().splitlines()]
+    rejected = [
+        json.loads(line)
+        for line in (ws / ".evertune" / "datasets").glob("*/rejected.jsonl").__next__()
+        .read_text().splitlines()
+    ]
     assert sorted(r["line"] for r in rejected) == [61, 62, 63]
 
     out = evertune("data", "list", cwd=ws)

@@ -396,7 +396,10 @@ def test_approve_promote_and_rollback_through_the_forms(tmp_path: Path, tiny_mod
     # Roll back: PROD returns to v1, v2 is retired, and the history says who and why.
     assert "v1" in text(element(r.text, "previous-card"))
     form = element(r.text, "rollback-form")
-    assert 'data-confirm="Roll back PROD from v2 to the chosen version?' in form and ">Roll back</button>" in form
+    assert (
+        'data-confirm="Roll back PROD from v2 to the chosen version?' in form
+        and ">Roll back</button>" in form
+    )
     assert '<option value="">previous PROD (v1)</option>' in form
     r = client2.post("/deployments/rollback",
                      data={"csrf": csrf_of(r.text), "comment": "v2 answers in French", "to": ""})

@@ -23,7 +23,9 @@ from tests.conftest import make_workspace
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Workspace:
-    return use_mlflow_template(make_workspace(tmp_path_factory.mktemp("console") / "ws", tiny_model))
+    return use_mlflow_template(
+        make_workspace(tmp_path_factory.mktemp("console") / "ws", tiny_model)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,10 @@ def test_signed_out_pages_redirect_to_sign_in_and_back(app: FastAPI, ws: Workspa
 def test_a_bad_token_is_refused_with_the_reason(app: FastAPI, ws: Workspace) -> None:
     c = client(app)
     r = c.post("/login", data={"token": "evt_not_a_token", "next": "/"})
-    assert r.status_code == 401 and "not recognised" in r.text and 'data-testid="login-error"' in r.text
+    assert (
+        r.status_code == 401 and "not recognised" in r.text
+        and 'data-testid="login-error"' in r.text
+    )
     assert session.COOKIE not in r.headers.get("set-cookie", "")
     secret, info = auth.create_token(ws, "old", "viewer", auth.local_principal(ws))
     signed_in = client(app, secret)
@@ -130,7 +135,9 @@ def test_bar_chart_and_ticks() -> None:
     assert svg.count("<rect") == 20
     assert nice_ticks(0, 0.93) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(3, 3)[0] <= 3 <= nice_ticks(3, 3)[-1]
-    assert [duration(x) for x in (0.25, 12.34, 245, 7380)] == ["250 ms", "12.3 s", "4 min 05 s", "2 h 03 min"]
+    assert [duration(x) for x in (0.25, 12.34, 245, 7380)] == [
+        "250 ms", "12.3 s", "4 min 05 s", "2 h 03 min"
+    ]
 
 
 def test_a_serving_key_cannot_sign_in(app: FastAPI, ws: Workspace) -> None:

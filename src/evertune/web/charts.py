@@ -68,27 +68,34 @@ def _frame(x_ticks: list[float], y_ticks: list[float], sx, sy, x_label: str, y_l
     for t in y_ticks:
         y = sy(t)
         out.append(f'<line class="grid" x1="{PAD_L}" x2="{W - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text class="tick" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(t)}</text>')
+        out.append(f'<text class="tick" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">'
+                   f'{_fmt(t)}</text>')
     for i, t in enumerate(x_ticks):
         x = sx(t)
         name = x_names[i] if x_names else _fmt(t)
-        out.append(f'<text class="tick" x="{x:.1f}" y="{H - PAD_B + 16}" text-anchor="middle">{escape(name)}</text>')
-    out.append(f'<line class="axis" x1="{PAD_L}" x2="{W - PAD_R}" y1="{H - PAD_B}" y2="{H - PAD_B}"/>')
+        out.append(f'<text class="tick" x="{x:.1f}" y="{H - PAD_B + 16}" text-anchor="middle">'
+                   f'{escape(name)}</text>')
+    out.append(f'<line class="axis" x1="{PAD_L}" x2="{W - PAD_R}" '
+               f'y1="{H - PAD_B}" y2="{H - PAD_B}"/>')
     out.append(f'<line class="axis" x1="{PAD_L}" x2="{PAD_L}" y1="{PAD_T}" y2="{H - PAD_B}"/>')
-    out.append(f'<text class="label" x="{(PAD_L + W - PAD_R) / 2}" y="{H - 6}" text-anchor="middle">{escape(x_label)}</text>')
+    out.append(f'<text class="label" x="{(PAD_L + W - PAD_R) / 2}" y="{H - 6}" '
+               f'text-anchor="middle">{escape(x_label)}</text>')
     out.append(f'<text class="label" x="14" y="{(PAD_T + H - PAD_B) / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {(PAD_T + H - PAD_B) / 2})">{escape(y_label)}</text>')
     return out
 
 
-def _svg(body: list[str], title: str, legend: list[str] | None = None, caption: bool = False) -> Markup:
+def _svg(body: list[str], title: str, legend: list[str] | None = None,
+         caption: bool = False) -> Markup:
     caption_html = f'<figcaption>{escape(title)}</figcaption>' if caption and title else ""
     legend_html = ""
     if legend:
-        items = "".join(f'<span class="key series-{i % 6}"><i></i>{escape(name)}</span>' for i, name in enumerate(legend))
+        items = "".join(f'<span class="key series-{i % 6}"><i></i>{escape(name)}</span>'
+                        for i, name in enumerate(legend))
         legend_html = f'<div class="legend">{items}</div>'
     return Markup(
-        f'<figure class="chart">{caption_html}<svg viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
+        f'<figure class="chart">{caption_html}<svg viewBox="0 0 {W} {H}" role="img" '
+        f'aria-label="{escape(title)}" '
         f'preserveAspectRatio="xMidYMid meet"><title>{escape(title)}</title>{"".join(body)}</svg>'
         f"{legend_html}</figure>"
     )
@@ -135,7 +142,8 @@ def line_chart(series: Sequence[Series], *, title: str = "", x_label: str = "", 
     return _svg(body, title, [s.label for s in series], caption)
 
 
-def bar_chart(bars: Sequence[tuple[str, float]], *, title: str = "", x_label: str = "", y_label: str = "") -> Markup:
+def bar_chart(bars: Sequence[tuple[str, float]], *, title: str = "", x_label: str = "",
+              y_label: str = "") -> Markup:
     """Vertical bars, one per (label, value), e.g. a histogram's bins."""
     if not bars:
         return Markup(f'<p class="empty">No data yet for {escape(title or "this chart")}.</p>')
@@ -156,6 +164,7 @@ def bar_chart(bars: Sequence[tuple[str, float]], *, title: str = "", x_label: st
         top = sy(value)
         body.append(
             f'<rect class="bar series-0" x="{PAD_L + i * slot + slot * 0.1:.1f}" y="{top:.1f}" '
-            f'width="{slot * 0.8:.1f}" height="{H - PAD_B - top:.1f}"><title>{escape(label)}: {_fmt(value)}</title></rect>'
+            f'width="{slot * 0.8:.1f}" height="{H - PAD_B - top:.1f}">'
+            f'<title>{escape(label)}: {_fmt(value)}</title></rect>'
         )
     return _svg(body, title)

@@ -3,7 +3,8 @@
     def add_routes(router: APIRouter, c: Console) -> None:
         @router.get("/things")
         def things(request: Request, me: Principal = Depends(c.signed_in)) -> HTMLResponse:
-            return page(request, me, "things.html", title="Things", versions=c.registry().list_versions())
+            return page(request, me, "things.html", title="Things",
+                        versions=c.registry().list_versions())
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ def add_routes(router: APIRouter, c: Console) -> None:
         if name not in _STATIC:  # a fixed list: no path from the URL reaches the file system
             raise NotFoundError(f"no static file {name!r}")
         body = files("evertune.web").joinpath("static", name).read_bytes()
-        return Response(body, media_type=_STATIC[name], headers={"cache-control": "public, max-age=300"})
+        return Response(
+            body, media_type=_STATIC[name], headers={"cache-control": "public, max-age=300"}
+        )
 
     @router.get("/login")
     def login_form(request: Request, next: str = "/") -> HTMLResponse:  # noqa: A002 - the query name
@@ -44,7 +46,10 @@ def add_routes(router: APIRouter, c: Console) -> None:
         try:
             require(authenticate(ws, token), "read")
         except PermissionDenied as exc:  # InvalidToken too; a serving key cannot read
-            return page(request, None, "login.html", status=401, title="Sign in", next=_local(next), error=str(exc))
+            return page(
+                request, None, "login.html", status=401, title="Sign in", next=_local(next),
+                error=str(exc),
+            )
         response = RedirectResponse(_local(next), status_code=303)
         session.sign_in(response, token.strip(), secure=request.url.scheme == "https")
         return response

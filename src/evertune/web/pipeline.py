@@ -215,7 +215,9 @@ def _trigger_items(run: Run) -> list[OutputItem]:
     for k, v in run.trigger.items():
         if k not in labels and k != "run_id":
             # Not _output_item: a trigger's `version` is the object version, not a model's.
-            items.append(OutputItem(k, text=when(v) if k.endswith("_at") and isinstance(v, (int, float)) else short(v)))
+            items.append(OutputItem(
+                k, text=when(v) if k.endswith("_at") and isinstance(v, (int, float)) else short(v)
+            ))
     return items
 
 

@@ -53,11 +53,15 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(when=when, ago=ago, duration=duration, num=num, pct=pct, tojson_pretty=tojson_pretty)
+    env.filters.update(
+        when=when, ago=ago, duration=duration, num=num, pct=pct, tojson_pretty=tojson_pretty
+    )
     return env
 
 
-def page(request: Request, me: Principal | None, template: str, *, status: int = 200, **ctx: Any) -> HTMLResponse:
+def page(
+    request: Request, me: Principal | None, template: str, *, status: int = 200, **ctx: Any
+) -> HTMLResponse:
     """Render `template` with the common context; clears a shown flash message."""
     from evertune.auth import Permission  # noqa: F401 - documents what `can` takes
 
@@ -105,7 +109,9 @@ class ConsoleRoute(APIRoute):
                 return await handler(request)
             except session.NotSignedIn:
                 if request.method != "GET":
-                    return error_page(request, 401, "Not signed in", "Sign in with an API token, then try again.")
+                    return error_page(
+                        request, 401, "Not signed in", "Sign in with an API token, then try again."
+                    )
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
             except PermissionDenied as exc:
@@ -113,7 +119,10 @@ class ConsoleRoute(APIRoute):
             except NotFoundError as exc:
                 return error_page(request, 404, "Not found", str(exc))
             except RequestValidationError as exc:
-                problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in exc.errors())
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
+                    for e in exc.errors()
+                )
                 if request.method == "POST":
                     return back(request, "error", f"invalid form: {problems}")
                 return error_page(request, 400, "Bad request", problems)
@@ -122,8 +131,13 @@ class ConsoleRoute(APIRoute):
                     return back(request, "error", str(exc))
                 return error_page(request, 500, "Something went wrong", str(exc))
             except Exception:  # noqa: BLE001 - a bug: keep the traceback in the log, show a page
-                log.exception("unhandled error in the console (%s %s)", request.method, request.url.path)
-                return error_page(request, 500, "Internal error", "An unexpected error happened; the server log has the details.")
+                log.exception(
+                    "unhandled error in the console (%s %s)", request.method, request.url.path
+                )
+                return error_page(
+                    request, 500, "Internal error",
+                    "An unexpected error happened; the server log has the details.",
+                )
 
         return route
 
@@ -135,7 +149,9 @@ def error_page(request: Request, status: int, title: str, message: str) -> HTMLR
         me = session.principal(request, ws)
     except Exception:  # noqa: BLE001 - an error page must render even when signed out
         me = None
-    return page(request, me, "error.html", status=status, title=title, status_code=status, message=message)
+    return page(
+        request, me, "error.html", status=status, title=title, status_code=status, message=message
+    )
 
 
 # -- filters -----------------------------------------------------------------------------------

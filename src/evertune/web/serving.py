@@ -290,14 +290,14 @@ def charts(data: dict[str, Any], window: Window) -> dict[str, Any]:
     x_label = f"{window.unit} ago"
     span = (x(-1), 0.0)  # the whole window, however little of it has requests
     return {
-        "rps": line_chart(lines("rps", zero=True), title="Requests per second", x_range=span, caption=True,
-                          x_label=x_label, y_label="requests/s", y_min=0),
-        "errors": line_chart(lines("error_rate", 100), title="Error rate", x_range=span, caption=True,
-                             x_label=x_label, y_label="errors %", y_min=0),
-        "ttft": line_chart(lines("ttft_p50_s", 1000), title="Time to first token (p50)", x_range=span, caption=True,
-                           x_label=x_label, y_label="ms", y_min=0),
-        "tpot": line_chart(lines("tpot_p50_s", 1000), title="Time per output token (p50)", x_range=span, caption=True,
-                           x_label=x_label, y_label="ms", y_min=0),
+        "rps": line_chart(lines("rps", zero=True), title="Requests per second", x_range=span,
+                          caption=True, x_label=x_label, y_label="requests/s", y_min=0),
+        "errors": line_chart(lines("error_rate", 100), title="Error rate", x_range=span,
+                             caption=True, x_label=x_label, y_label="errors %", y_min=0),
+        "ttft": line_chart(lines("ttft_p50_s", 1000), title="Time to first token (p50)",
+                           x_range=span, caption=True, x_label=x_label, y_label="ms", y_min=0),
+        "tpot": line_chart(lines("tpot_p50_s", 1000), title="Time per output token (p50)",
+                           x_range=span, caption=True, x_label=x_label, y_label="ms", y_min=0),
     }
 
 
