@@ -354,7 +354,7 @@ def tune(
     from evertune import steps
     from evertune.training.jobs import create_job, start_job
 
-    data = steps.training_data(ws, dataset)
+    data = steps.training_data(ws, dataset, log=lambda line: console.print(line, highlight=False))
     job = create_job(ws, data, parent=parent)
     console.print(
         f"Job [bold]{job.id}[/]: {job.method} on dataset {data.id} "

@@ -66,6 +66,8 @@ class DataArgs(_Args):
     """A single JSON line over this size is rejected with its line number."""
     golden_set: str | None = None
     """Path to a frozen JSONL file that is always evaluated and never trained on."""
+    include_feedback: bool = True
+    """Cumulative rounds also train on the bucket's feedback/ records (not rated-down answers)."""
 
 
 class LoraArgs(_Args):

@@ -753,7 +753,8 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
         elif ws.config.data.mode == "latest":
             training = sft[0]  # this drop only
         else:
-            training = steps.training_data(ws)  # the cumulative union of all drops so far
+            # The cumulative union of all drops so far, with the bucket's feedback folded in.
+            training = steps.training_data(ws, log=ctx.log)
         ctx.outputs.update(training_dataset=training.id, counts=dict(training.counts))
         ctx.log(f"training on {training.id} ({ws.config.data.mode}): {training.counts}")
         _test_pause(ctx, "after")

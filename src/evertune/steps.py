@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from evertune.errors import JobError
 
 if TYPE_CHECKING:
-    from evertune.data.store import AddResult, DatasetVersion
+    from evertune.data.store import AddResult, DatasetVersion, Origin
     from evertune.evaluation import EvalReport, ModelRef
     from evertune.registry import ModelVersion
     from evertune.training.jobs import Job
@@ -37,18 +37,52 @@ def base_tokenizer(ws: Workspace) -> Any:
     return load_tokenizer(resolve_base_model(ws.config.model.base, ws.models_dir))
 
 
-def preprocess(ws: Workspace, files: list[Path]) -> AddResult:
+def preprocess(ws: Workspace, files: list[Path], origin: Origin = "upload") -> AddResult:
     """DataPreprocessing: validate, dedup, split and store the files as dataset version(s)."""
     from evertune.data.store import add_files
 
-    return add_files(ws, files, tokenizer=base_tokenizer(ws))
+    return add_files(ws, files, tokenizer=base_tokenizer(ws), origin=origin)
 
 
-def training_data(ws: Workspace, ref: str | None = None) -> DatasetVersion:
-    """The dataset a new round trains on: `ref`, or per `data.mode` (cumulative | latest)."""
+def training_data(
+    ws: Workspace, ref: str | None = None, log: Callable[[str], Any] | None = None
+) -> DatasetVersion:
+    """The dataset a new round trains on: `ref`, or per `data.mode` (cumulative | latest).
+
+    A cumulative round first folds in the bucket's feedback (`fold_feedback`), so corrections
+    and well-rated answers served since the last round are trained on; `log` hears about it.
+    """
     from evertune.data.store import training_dataset
 
+    if ref is None and ws.config.data.mode == "cumulative" and ws.config.data.include_feedback:
+        fold_feedback(ws, log or (lambda _: None))
     return training_dataset(ws, kind="sft", ref=ref)
+
+
+def fold_feedback(ws: Workspace, log: Callable[[str], Any]) -> AddResult | None:
+    """Store all of the bucket's feedback/ records as one dataset version (content-addressed:
+    unchanged feedback is the version already stored). None when there is no feedback, or
+    none that may be trained on (every answer was rated down): that never fails a round."""
+    import tempfile
+
+    from evertune.errors import DataError
+    from evertune.monitoring.feedback import FEEDBACK_PREFIX, collect_feedback
+
+    with tempfile.TemporaryDirectory(prefix=".feedback-", dir=ws.state_dir) as tmp:
+        path = Path(tmp) / "feedback.jsonl"
+        objects = collect_feedback(ws, path)
+        if not objects:
+            return None
+        try:
+            added = preprocess(ws, [path], origin="feedback")
+        except DataError as exc:
+            log(f"{objects} feedback object(s) under {FEEDBACK_PREFIX}, none to train on: "
+                f"{str(exc).replace(str(path), 'feedback')}")
+            return None
+    stored = ", ".join(f"{v.id} ({v.counts.get('total', 0)} records)" for v in added.versions)
+    log(f"feedback: {objects} object(s) under {FEEDBACK_PREFIX} stored as {stored}; "
+        f"{added.rejected} row(s) not trained on (rated down or invalid)")
+    return added
 
 
 def finetune(

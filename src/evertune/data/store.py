@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 ID_PREFIX = "ds-"
 HISTOGRAM_BINS = 10
+Origin = Literal["upload", "feedback", "union"]
 
 
 @dataclass
@@ -64,8 +65,9 @@ class DatasetVersion:
     report: dict[str, Any]
 
     @property
-    def origin(self) -> Literal["upload", "union"]:
-        """Where the version came from: "upload" (a data drop) or "union" (cumulative set)."""
+    def origin(self) -> Origin:
+        """Where the version came from: "upload" (a data drop), "feedback" (serving's feedback,
+        folded in by a round) or "union" (a cumulative training set)."""
         return self.report.get("origin", "upload")
 
     def records(self, split: str) -> list[dict[str, Any]]:
@@ -198,7 +200,10 @@ def _golden_keys(ws: Workspace) -> set[str]:
 
 
 def add_files(
-    ws: Workspace, paths: list[Path], tokenizer: PreTrainedTokenizerBase | None = None
+    ws: Workspace,
+    paths: list[Path],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    origin: Origin = "upload",
 ) -> AddResult:
     """Validate, dedup, split and store `paths`; one version per kind present.
 
@@ -257,7 +262,7 @@ def add_files(
         rejects = [rej for r in group for rej in r.rejects]
         report = {
             "kind": kind,
-            "origin": "upload",
+            "origin": origin,
             "formats": sorted({r.format for r in group}),
             "rows_read": sum(r.rows for r in group),
             "rejected": sum(r.rejected_rows for r in group),
@@ -300,7 +305,7 @@ def add_files(
 
 
 def list_datasets(ws: Workspace) -> list[DatasetVersion]:
-    """Every stored version (uploads and unions), newest first."""
+    """Every stored version (uploads, folded feedback and unions), newest first."""
     root = ws.datasets_dir
     if not root.is_dir():
         return []
@@ -365,20 +370,25 @@ def _union(ws: Workspace, kind: Kind, uploads: list[DatasetVersion]) -> DatasetV
 def training_dataset(ws: Workspace, kind: Kind = "sft", ref: str | None = None) -> DatasetVersion:
     """The version a training run of `kind` uses: `ref` if given, else per `data.mode`.
 
-    cumulative: the union of all uploaded versions of the kind (a single upload is its own
-    union); latest: the newest upload. The caller checks `.kind` when it passes a `ref`.
+    cumulative: the union of all uploaded versions of the kind and the feedback folded in so
+    far (a single upload is its own union); latest: the newest upload. The caller checks
+    `.kind` when it passes a `ref`.
     """
     if ref is not None:
         return get_dataset(ws, ref)
-    uploads = [v for v in list_datasets(ws) if v.kind == kind and v.origin == "upload"]
+    stored = [v for v in list_datasets(ws) if v.kind == kind]
+    uploads = [v for v in stored if v.origin == "upload"]
     if not uploads:
         formats = {"sft": "input/output, prompt/completion or chat", "dpo": "preference",
                    "pretrain": "text"}[kind]
         raise NotFoundError(f"no {kind} dataset yet; add a {formats} file with "
                             "`evertune data add FILE`")
-    if ws.config.data.mode == "latest" or len(uploads) == 1:
+    if ws.config.data.mode == "latest":
         return uploads[0]
-    return _union(ws, kind, list(reversed(uploads)))  # oldest first: stable union_of order
+    parts = [v for v in stored if v.origin in ("upload", "feedback")]
+    if len(parts) == 1:
+        return parts[0]
+    return _union(ws, kind, list(reversed(parts)))  # oldest first: stable union_of order
 
 
 def load_golden(ws: Workspace) -> list[dict[str, Any]] | None:

@@ -11,8 +11,13 @@ replaces the answer; a rating alone keeps the served answer and labels it (`posi
 `negative`, `neutral`) under the `feedback` key, which the data layer ignores as an extra
 key, so a round that must not learn from poorly rated answers filters on
 `feedback.label`. One object per response id: rating the same answer again the same day
-replaces the earlier record. Whether feedback starts a run is the trigger's decision
-(`trigger.feedback_starts_runs`).
+replaces the earlier record.
+
+Feedback feeds the next round: with `data.mode: cumulative` and `data.include_feedback: true`
+(the defaults) every round folds all feedback objects into its training data
+(`collect_feedback` → `evertune.steps.training_data`), and the data layer rejects the
+answers users rated down (`negative_feedback`) instead of training on them. Whether feedback
+also starts a round by itself is the trigger's decision (`trigger.feedback_starts_runs`).
 
 The prompt comes from the request the gateway remembers (recent responses in memory, older
 ones from the request log) or from the body (`messages` or `prompt`, plus `completion`),
@@ -25,6 +30,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -110,3 +116,24 @@ def write_feedback(ws: Workspace, record: dict[str, Any], response_id: str) -> s
     data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     Bucket.for_workspace(ws).write_bytes(key, data)
     return key
+
+
+def collect_feedback(ws: Workspace, dest: Path) -> int:
+    """Concatenate every feedback object of the workspace bucket into one JSON Lines file.
+
+    Objects are read in key order, so the same feedback always makes the same file (and so the
+    same content-addressed dataset version). Returns how many objects were read; with none,
+    `dest` is not written.
+    """
+    from evertune.bucket import Bucket
+
+    bucket = Bucket.for_workspace(ws)
+    objects = [o for o in bucket.list(FEEDBACK_PREFIX) if o.key.endswith(".jsonl")]
+    if not objects:
+        return 0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with dest.open("wb") as out:
+        for obj in objects:
+            data = bucket.read_bytes(obj.key)
+            out.write(data if data.endswith(b"\n") else data + b"\n")
+    return len(objects)
