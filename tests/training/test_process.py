@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -111,3 +112,19 @@ def test_run_finetune_is_idempotent_per_run_id(workspace, sft_dataset):
     assert {"loss", "tokens_per_s", "val_loss"} <= seen[-1].keys()
     again = run_finetune(workspace, sft_dataset, run_id="run-7")  # a re-run pipeline step
     assert again.id == job.id and again.finished_at == job.finished_at  # not trained twice
+
+
+def test_a_child_checked_right_after_it_started_is_alive():
+    """Right after exec the kernel shows an empty /proc/PID/cmdline for a moment: a check made
+    then (a pipeline step polling a job it just resumed) must not call the job dead."""
+    from evertune.training.jobs import _pid_alive
+
+    children = []
+    for _ in range(60):
+        child = subprocess.Popen(["sh", "-c", "sleep 2", "evertune.training.run"],
+                                 start_new_session=True)
+        children.append(child)
+        assert _pid_alive(child.pid)
+    for child in children:
+        child.kill()
+        child.wait()

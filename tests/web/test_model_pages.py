@@ -188,6 +188,9 @@ def test_version_page_shows_the_reports_metrics_with_the_gates_intervals(
     assert "<svg" in chart and 'class="zero"' in chart
     assert chart.count('class="whisker') == 3 * len(split.gate.rules)  # a bar and two caps each
     assert "prod v1" in chart and "candidate" in chart
+    # Each margin tick has its legend entry (the default rules are non-inferiority margins).
+    margins = chart.count("<title>non-inferiority margin")
+    assert margins and "worst Δ the gate tolerates" in chart
 
     verdict = text(element(html, "gate-verdict"))
     assert "fail" in verdict and "prod v1" in verdict

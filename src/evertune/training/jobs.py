@@ -526,10 +526,24 @@ def _pid_alive(pid: int) -> bool:
             if proc.joinpath("stat").read_text().split(") ", 1)[1].startswith("Z"):
                 return False  # a zombie is dead, its parent has just not reaped it yet
             # A recycled pid belongs to some other program: not our job.
-            return b"evertune.training.run" in proc.joinpath("cmdline").read_bytes()
+            return b"evertune.training.run" in _cmdline(proc)
         except (OSError, IndexError):
             return False
     return True
+
+
+CMDLINE_WAIT_S = 0.5  # how long an empty /proc/PID/cmdline may last before it counts as final
+
+
+def _cmdline(proc: Path) -> bytes:
+    """The process's argv. Right after exec the kernel shows an empty cmdline for a moment
+    (seen in ~15 % of checks made just after `Popen` returned): read again until it has one."""
+    deadline = time.monotonic() + CMDLINE_WAIT_S
+    while True:
+        cmdline = proc.joinpath("cmdline").read_bytes()
+        if cmdline or time.monotonic() > deadline:
+            return cmdline
+        time.sleep(0.005)
 
 
 def process_alive(job: Job) -> bool | None:

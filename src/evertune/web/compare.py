@@ -144,6 +144,8 @@ def comparison_chart(report: EvalReport, split: SplitReport) -> Markup:
     legend += ('<span class="key delta-better"><i></i>Δ better</span>'
                '<span class="key delta-worse"><i></i>Δ worse</span>'
                '<span class="key delta-same"><i></i>Δ no clear change</span>')
+    if any(row.margin is not None for row in rows):
+        legend += '<span class="key margin"><i></i>worst Δ the gate tolerates</span>'
     title = f"{split.name}: candidate vs {ref_label}"
     return Markup(
         f'<figure class="chart"><svg viewBox="0 0 {W} {height}" role="img" '
