@@ -8,9 +8,8 @@
 The record is in a format `evertune.data` accepts (`chat` for chat completions,
 `prompt_completion` for completions), so the next round can train on it: a correction
 replaces the answer; a rating alone keeps the served answer and labels it (`positive`,
-`negative`, `neutral`) under the `feedback` key, which the data layer ignores as an extra
-key, so a round that must not learn from poorly rated answers filters on
-`feedback.label`. One object per response id: rating the same answer again the same day
+`negative`, `neutral`) under the `feedback` key, which the data layer reads only to reject
+answers rated down (below). One object per response id: rating the same answer again the same day
 replaces the earlier record.
 
 Feedback feeds the next round: with `data.mode: cumulative` and `data.include_feedback: true`
