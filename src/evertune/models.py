@@ -39,7 +39,7 @@ PACKAGED = {
 # Model loading builds modules on the meta device by patching torch/accelerate globals, so two
 # threads loading at once (the pipeline evaluating while serving loads, in `evertune up`) break
 # each other ("Cannot copy out of meta tensor"). One load (or GGUF conversion) at a time
-# per process: every from_pretrained in Evertune runs under this lock.
+# per process: every model load in Evertune (base, adapter, embedding model) holds this lock.
 _LOAD_LOCK = threading.RLock()
 
 

@@ -38,7 +38,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,14 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # tokens, for a model config without max_position_embeddings
-
-
-def _model_load_lock() -> AbstractContextManager[Any]:
-    """The process-wide model-loading lock of `evertune.models` (loads patch torch globals,
-    so a version loading here must not overlap a pipeline step loading a model)."""
-    from evertune.models import model_load_lock
-
-    return model_load_lock()
 
 
 @dataclass
@@ -194,7 +185,7 @@ class TransformersEngine:
             log.info("loaded %s from %s in %.2fs", key, path, time.perf_counter() - started)
 
     def _load(self, key: str, path: Path) -> _Loaded:
-        from evertune.models import load_model
+        from evertune.models import load_model, model_load_lock
 
         if self._base_module is None:
             raise RuntimeError("TransformersEngine.start() has not run yet")
@@ -208,7 +199,9 @@ class TransformersEngine:
             )
         from peft import PeftModel
 
-        with _model_load_lock():
+        # Loads patch torch globals: a version loading here must not overlap a pipeline step
+        # loading a model (evertune.models.model_load_lock).
+        with model_load_lock():
             if self.merge_adapters:
                 # A copy of the weights already in memory: the base is read from disk once.
                 module = copy.deepcopy(self._base_module)
