@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from evertune.data.templating import IGNORE_INDEX, to_example, tokenize_example
+from evertune.facts import fingerprint, read_facts
 from evertune.models import load_model, load_tokenizer
 from evertune.training import (
     create_job,
@@ -124,6 +125,11 @@ def test_lora_changes_the_adapter_and_leaves_base_weights_bit_identical(
     meta = json.loads((out / "evertune_job.json").read_text())
     assert meta["job_id"] == job.id and meta["dataset"] == sft_dataset.id
     assert meta["base_model"] == str(tiny_model) and meta["hyperparameters"]["lora_r"] == 16
+    # The version's own facts: what serving and evaluation load it with, whatever the config
+    # says later (evertune.facts).
+    facts = read_facts(out)
+    assert facts.base_fingerprint == fingerprint(tiny_model) and facts.kind == "lora"
+    assert facts.lora["r"] == 16 and facts.max_seq_len == 128 and facts.chat_template_sha256
 
     rows = list_metrics(workspace, job.id)
     train_rows = [r for r in rows if "train_loss" in r]
@@ -140,6 +146,25 @@ def test_lora_changes_the_adapter_and_leaves_base_weights_bit_identical(
     assert sorted(
         p.name for p in (jobs.job_dir(workspace, job.id) / "checkpoints").iterdir()
     ) == sorted(f"step-{s}" for s in kept)
+
+
+def test_a_parent_on_other_weights_under_the_same_base_name_is_refused(
+    workspace, sft_dataset, run_inline, tiny_model, monkeypatch
+):
+    # The parent's facts name this very base spec, but a fingerprint of other files: the
+    # folder was overwritten since, so continuing from it would train on the wrong weights.
+    parent_dir = workspace.root / "parent"
+    parent_dir.mkdir()
+    (parent_dir / "adapter_config.json").write_text("{}")
+    facts = {"base_model": str(tiny_model), "base_fingerprint": "0" * 64}
+    (parent_dir / "evertune_job.json").write_text(json.dumps({"facts": facts}))
+    from evertune import registry
+
+    monkeypatch.setattr(registry.Registry, "version_artifact_path", lambda self, v: parent_dir)
+    job = create_job(workspace, sft_dataset, parent="1")
+    run_inline(workspace, job.id)
+    job = get_job(workspace, job.id)
+    assert job.status == "failed" and "other weights" in job.error["message"]
 
 
 def test_full_finetune_writes_a_loadable_model(workspace, sft_dataset, run_inline):

@@ -49,6 +49,8 @@ from evertune.evaluation.report import (
 )
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from evertune.config import Config
@@ -345,6 +347,17 @@ def _split_report(
     )
 
 
+def _base_of(ws: Workspace, ref: ModelRef) -> Path:
+    """The base folder `ref` was trained on: from its facts when Evertune trained it, else
+    (a folder from elsewhere) the configured base."""
+    from evertune.facts import RESULT_META, read_facts, version_base
+    from evertune.models import resolve_base_model
+
+    if ref.adapter is not None and (ref.adapter / RESULT_META).is_file():
+        return version_base(read_facts(ref.adapter), ws.models_dir, what=f"model {ref.label!r}")
+    return resolve_base_model(ws.config.model.base, ws.models_dir)
+
+
 def _release_memory() -> None:
     # Collect now, so the next model does not load beside the one just dropped.
     gc.collect()
@@ -380,7 +393,7 @@ def evaluate_candidate(
         NotFoundError: an adapter folder does not exist.
         DataError: nothing to evaluate on (no test/validation examples and no golden set).
     """
-    from evertune.models import load_for_inference, load_tokenizer, resolve_base_model
+    from evertune.models import load_for_inference, load_tokenizer
 
     started = time.time()
     cfg = ws.config
@@ -392,7 +405,9 @@ def evaluate_candidate(
             raise NotFoundError(f"adapter folder {ref.adapter} of model {ref.label!r} does not "
                                 "exist; check the job's result path or the registry version")
 
-    base_path = resolve_base_model(cfg.model.base, ws.models_dir)
+    # Each model is loaded on the base it was trained on (its own facts), not on whatever
+    # model.base says today; the base model role is the candidate's base.
+    base_path = _base_of(ws, candidate)
     tokenizer = load_tokenizer(base_path)
     sets, notes = _eval_sets(ws, dataset, tokenizer)
 
@@ -414,10 +429,18 @@ def evaluate_candidate(
             continue
         label = role if ref.label == role else f"{role} ({ref.label})"
         _report_progress(progress, f"{label}: loading", 0, 1)
-        model = load_for_inference(base_path, ref.adapter, dtype=cfg.model.dtype)
+        own_base = base_path if ref.adapter is None else _base_of(ws, ref)
+        own_tok, own_sets = tokenizer, sets
+        if own_base != base_path:
+            # Trained on another base (model.base changed between rounds): its own tokenizer
+            # and chat template render the same records, so examples still pair one to one.
+            own_tok = load_tokenizer(own_base)
+            own_sets, _ = _eval_sets(ws, dataset, own_tok)
+            notes.append(f"{ref.label} was trained on base {own_base} and is scored on it")
+        model = load_for_inference(own_base, ref.adapter, dtype=cfg.model.dtype)
         _report_progress(progress, f"{label}: loading", 1, 1)
-        results[role] = {s.name: _score_model(model, tokenizer, s, cfg, label, progress)
-                         for s in sets}
+        results[role] = {s.name: _score_model(model, own_tok, s, cfg, label, progress)
+                         for s in own_sets}
         done_by_adapter[key] = role
         del model
         _release_memory()
@@ -449,7 +472,7 @@ def evaluate_candidate(
         notes=notes,
         splits=splits,
         settings={"eval": cfg.eval.model_dump(), "gate": cfg.gate.model_dump(),
-                  "base_model": cfg.model.base, "max_seq_len": cfg.data.max_seq_len},
+                  "base_model": str(base_path), "max_seq_len": cfg.data.max_seq_len},
     )
     report.save(ws.evals_dir / report.id / "report.json")
     return report

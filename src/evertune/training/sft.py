@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from evertune.config import Config
 from evertune.errors import DataError, EvertuneError, JobError, ModelError
+from evertune.facts import RESULT_META, lora_settings, read_facts, training_facts
 from evertune.training.jobs import (
     Job,
     cancel_requested,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # labels PyTorch's cross-entropy skips: prompt tokens and padding
 VAL_MAX_EXAMPLES = 512  # validation loss runs often; a bounded sample keeps it cheap
-RESULT_META = "evertune_job.json"
 # Seconds to sleep after each step. Tests only: the tiny model trains faster than a test can
 # cancel or kill it mid-run; a real job never sets it.
 TEST_STEP_DELAY_ENV = "EVERTUNE_TEST_STEP_DELAY_S"
@@ -236,18 +236,24 @@ def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def _parent_path(ws: Workspace, job: Job) -> Path:
+def _parent_path(ws: Workspace, job: Job, base_path: Path) -> Path:
     """The parent version's artifact folder, refused early if it was trained on another base."""
+    from evertune.facts import fingerprint
     from evertune.registry import Registry
 
     path = Path(Registry(ws).version_artifact_path(job.parent))  # type: ignore[arg-type]
-    meta = path / RESULT_META
-    if meta.is_file():
-        parent_base = json.loads(meta.read_text("utf-8")).get("base_model")
-        if parent_base and parent_base != job.model:
+    if (path / RESULT_META).is_file():
+        parent = read_facts(path)
+        same = (
+            fingerprint(base_path) == parent.base_fingerprint
+            if parent.base_fingerprint
+            else parent.base_model == job.model
+        )
+        if not same:
             raise ModelError(
-                f"parent version {job.parent} was trained on base {parent_base!r}, but this job's "
-                f"model.base is {job.model!r}; set model.base to the parent's base or drop --parent"
+                f"parent version {job.parent} was trained on base {parent.base_model!r}, but "
+                f"this job's model.base is {job.model!r} (other weights); set model.base to the "
+                "parent's base or drop --parent"
             )
     if not (_is_adapter(path) or (path / "config.json").is_file()):
         raise ModelError(
@@ -268,7 +274,7 @@ def build_model(ws: Workspace, job: Job, cfg: Config, base_path: Path) -> tuple[
 
     from evertune.models import load_model
 
-    parent = _parent_path(ws, job) if job.parent else None
+    parent = _parent_path(ws, job, base_path) if job.parent else None
     start = parent if parent is not None and not _is_adapter(parent) else base_path
     model = load_model(start, cfg.model.dtype)
     if parent is not None and _is_adapter(parent):
@@ -636,6 +642,18 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
         "trained_tokens": trained_tokens,
         "metrics": last,
         "created_at": time.time(),
+        # What serving, evaluation and deploy read instead of the live config (evertune.facts).
+        "facts": training_facts(
+            base_model=job.model,
+            base_path=base_path,
+            kind=kind,
+            method=job.method,
+            lora=lora_settings(model),
+            tokenizer=tokenizer,
+            max_seq_len=cfg.data.max_seq_len,
+            dtype=cfg.model.dtype,
+            dataset=job.training_file,
+        ).to_dict(),
     }
     (tmp / RESULT_META).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
     shutil.rmtree(out, ignore_errors=True)
