@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# Converted base models go to this test session's own cache, never the user's ~/.cache.
+os.environ.setdefault("EVERTUNE_MODEL_CACHE", tempfile.mkdtemp(prefix="evertune-model-cache-"))
 
 from evertune.testing import build_tiny_model  # noqa: E402
 from evertune.workspace import Workspace  # noqa: E402

@@ -18,6 +18,7 @@ def test_packaged_default_is_converted_once_and_reused(
 ) -> None:
     # `evertune up` resolves it from two threads at start-up (pipeline warm-up and serving);
     # two loads at once used to leave tied weights on the meta device and fail the save.
+    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     conversions: list[Path] = []
     convert = models._convert_gguf
     monkeypatch.setattr(models, "_convert_gguf",
@@ -42,6 +43,39 @@ def test_packaged_default_is_converted_once_and_reused(
         [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+CONVERT = """
+import logging, sys
+from evertune.models import resolve_base_model
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+print(resolve_base_model("smollm2-135m-instruct", __import__("pathlib").Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.slow
+def test_two_workspaces_started_together_convert_the_default_once(tmp_path: Path) -> None:
+    # Two workspaces' processes start at the same moment on a fresh machine: one converts,
+    # the other waits on the cache's file lock and uses that result; both name one folder.
+    import os
+    import subprocess
+    import sys
+
+    from evertune.workspace import Workspace
+
+    env = {**os.environ, models.MODEL_CACHE_ENV: str(tmp_path / "machine-cache")}
+    workspaces = [Workspace.init(tmp_path / name)[0] for name in ("ws-a", "ws-b")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONVERT, str(ws.models_dir)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for ws in workspaces
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    paths = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(paths) == 1 and paths.pop().startswith(str(tmp_path / "machine-cache"))
+    assert sum(err.count("converting smollm2-135m-instruct") for _, err in outs) == 1
+    assert not any(ws.models_dir.exists() and any(ws.models_dir.iterdir()) for ws in workspaces)
 
 
 def test_local_folder_is_used_as_is(tiny_model: Path, tmp_path: Path) -> None:

