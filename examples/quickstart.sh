@@ -28,7 +28,8 @@ $PYTHON examples/wait_ready.py "http://127.0.0.1:$PORT/healthz" --pid "$UP_PID" 
 $PYTHON examples/make_sample_data.py "$WS/bucket/tickets.jsonl.part" --bad-rows 3
 mv "$WS/bucket/tickets.jsonl.part" "$WS/bucket/raw-data/tickets.jsonl"
 
-$EVERTUNE -w "$WS" runs wait --timeout 3600
+# Wait for the run of this drop (by key: a bare `runs wait` could pick up an older run).
+$EVERTUNE -w "$WS" runs wait --key raw-data/tickets.jsonl --timeout 3600
 VERSION=$($EVERTUNE -w "$WS" models list --json | $PYTHON -c 'import json,sys; print(max(v["version"] for v in json.load(sys.stdin)))')
 $EVERTUNE -w "$WS" models show "$VERSION"
 $EVERTUNE -w "$WS" approve "$VERSION" --comment "quickstart: better than base on the test split"

@@ -162,3 +162,17 @@ def test_s3_explicit_storage_options(moto_s3: str) -> None:
     )
     bucket.write_bytes("raw-data/x.jsonl", b"x")
     assert [o.key for o in bucket.list("raw-data/")] == ["raw-data/x.jsonl"]
+
+
+def test_check_reports_a_missing_or_unusable_local_bucket(tmp_path: Path) -> None:
+    folder = tmp_path / "bucket"
+    bucket = Bucket(str(folder))
+    problem = bucket.check()
+    assert problem is not None and str(folder) in problem and "does not exist" in problem
+    assert "mkdir -p" in problem and "storage.bucket" in problem
+    assert bucket.list("raw-data/") == []  # why check() exists: a listing cannot tell
+    folder.write_text("not a folder")
+    assert "is not a folder" in (bucket.check() or "")
+    folder.unlink()
+    folder.mkdir()
+    assert bucket.check() is None

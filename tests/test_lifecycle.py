@@ -32,6 +32,8 @@ def test_the_transition_table_is_the_documented_one() -> None:
         (Stage.PENDING, Stage.APPROVED),
         (Stage.PENDING, Stage.REJECTED),
         (Stage.APPROVED, Stage.QA),
+        (Stage.APPROVED, Stage.REJECTED),  # while it waits for a QA retry
+        (Stage.QA, Stage.APPROVED),  # the QA attempt failed because of the environment
         (Stage.QA, Stage.PROD),
         (Stage.QA, Stage.REJECTED),
         (Stage.PROD, Stage.RETIRED),
@@ -74,8 +76,25 @@ def test_messages_read_well() -> None:
         check_transition(Stage.REJECTED, Stage.QA, version=3)
     assert str(err.value) == (
         "version 3 is rejected; it cannot move to qa; allowed: none (a rejected version can "
-        "only be approved with an admin override: force=True by a user with the admin role)"
+        'only be approved with an admin override: `evertune approve 3 --force` (API: "force": '
+        'true) by a user with the admin role)'
     )
+
+    with pytest.raises(LifecycleError) as err:
+        check_transition("qa", "retired", version=4)
+    assert str(err.value).endswith(
+        "allowed: approved (QA attempt failed for a reason outside the model; retry), prod, "
+        "rejected (system tests failed)"
+    )
+
+
+def test_refusals_name_the_cli_flag_not_the_python_keyword() -> None:
+    # The CLI user reads these messages: `force=True` means nothing at a shell prompt.
+    for current, target in (("rejected", "approved"), ("rejected", "qa")):
+        with pytest.raises(LifecycleError) as err:
+            check_transition(current, target, version=6)
+        assert "`evertune approve 6 --force`" in str(err.value)
+        assert "force=True" not in str(err.value)
 
     with pytest.raises(LifecycleError, match="version 4 is already prod"):
         check_transition("prod", "prod", version=4)

@@ -328,3 +328,85 @@ def test_notify_never_raises(workspace: Workspace, webhook: Webhook, caplog: Any
     assert (
         webhook.events[0]["text"] == "Evertune: run run-1 for m failed at FineTuning: job x failed"
     )
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_retried_without_retraining_and_an_unchanged_drop_is_skipped(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from evertune.training.jobs import list_jobs
+
+    ws = make_workspace(tmp_path / "ws", tiny_model, **PIPELINE_SETTINGS)
+    # A real fault where evaluation writes its report: the evals folder is a file.
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    if ws.evals_dir.is_dir():
+        ws.evals_dir.rmdir()
+    ws.evals_dir.write_text("not a folder\n")
+    bucket = Bucket.for_workspace(ws)
+    pipeline.launch(ws, warm=False)
+    watcher = Watcher(ws)
+    try:
+        bucket.write_bytes("raw-data/tickets.jsonl", tickets())
+        [first] = watcher.scan_once()
+        failed = pipeline.wait_run(ws, first, timeout=300)
+        assert failed.status == "failed" and failed.error.startswith("ModelEvaluation: ")
+        assert failed.step("FineTuning").status == "succeeded"
+        job = failed.job_id
+        assert job and [j.id for j in list_jobs(ws)] == [job]
+        assert Registry(ws).list_versions() == []
+        shown = evertune("-w", str(ws.root), "runs", "show", first, cwd=tmp_path)
+        assert f"evertune runs retry {first}" in shown.stdout
+
+        # Fixed; `evertune runs retry` (another process: it enqueues with a DBOS client) makes
+        # a new run that this process's runtime runs, reusing what succeeded.
+        ws.evals_dir.unlink()
+        out = evertune("-w", str(ws.root), "runs", "retry", first, cwd=tmp_path)
+        retry_id = f"{first}-retry1"
+        assert f"run {retry_id} retries {first}" in out.stdout
+        assert pipeline.retry_run(ws, first) == retry_id  # the same retry, not a second one
+        retried = pipeline.wait_run(ws, retry_id, timeout=300)
+        assert retried.status == "succeeded", retried.error
+        assert retried.retry_of == first and retried.trigger["key"] == "raw-data/tickets.jsonl"
+        for name in ("DataPreprocessing", "FineTuning"):
+            step = retried.step(name)
+            assert step.status == "succeeded" and step.attempts == 0  # not run again
+            assert step.outputs["reused_from"] == first
+            assert f"reused from run {first}" in step.logs[-1]["message"]
+        assert retried.job_id == job and [j.id for j in list_jobs(ws)] == [job]  # no retraining
+        assert retried.step("ModelEvaluation").attempts == 1
+        [mv] = Registry(ws).list_versions()
+        assert retried.version == mv.version == 1 and mv.job == job
+        with pytest.raises(pipeline.PipelineError, match="only a failed run can be retried"):
+            pipeline.retry_run(ws, retry_id)
+
+        # The same records again under another key: the training set is the one v1 was
+        # trained on, so the run ends as skipped instead of training a copy. `runs wait --key`
+        # waits for *this* drop's run, though the watcher has not started it yet.
+        watcher.start()
+        bucket.write_bytes("raw-data/tickets-again.jsonl", tickets())
+        out = evertune("-w", str(ws.root), "runs", "wait", "--key",
+                       "raw-data/tickets-again.jsonl", "--timeout", "120", cwd=tmp_path)
+        again = pipeline.run_id_for_key(ws, "raw-data/tickets-again.jsonl")
+        assert f"run {again} skipped: training set " in out.stdout.replace("\n", " ")
+        skipped = pipeline.get_run(ws, again)
+        assert skipped.status == "skipped" and skipped.error is None and skipped.version is None
+        dataset = skipped.step("DataPreprocessing").outputs["training_dataset"]
+        assert dataset == mv.dataset
+        assert f"training set {dataset} is the one v1 was trained on" in str(skipped.skip_reason)
+        assert [s.status for s in skipped.steps] == ["succeeded", "skipped", "skipped", "skipped"]
+        assert len(list_jobs(ws)) == 1 and len(Registry(ws).list_versions()) == 1
+
+        listed = json.loads(
+            evertune("-w", str(ws.root), "runs", "list", "--json", cwd=tmp_path).stdout
+        )
+        by_id = {r["id"]: r for r in listed}
+        assert [r["id"] for r in listed] == [again, retry_id, first]
+        assert by_id[again]["status"] == "skipped"
+        assert by_id[again]["skip_reason"] == skipped.skip_reason
+        assert by_id[first]["status"] == "failed" and by_id[retry_id]["version"] == 1
+        table = evertune("-w", str(ws.root), "runs", "list", cwd=tmp_path).stdout
+        assert "skipped" in table and f"training set {dataset}" in table
+        assert f"retry of {first}" in table
+    finally:
+        watcher.stop()
+        pipeline.shutdown()

@@ -8,7 +8,9 @@ milliseconds: the trigger's behaviour is what is tested, not training (see test_
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +198,21 @@ def test_watcher_on_s3(s3_env: str, tmp_path: Path, tiny_model: Path) -> None:  
             assert run.error.startswith("DataPreprocessing: raw-data/a.jsonl")
     finally:
         pipeline.shutdown()
+
+
+def test_a_deleted_bucket_folder_is_an_error_not_an_empty_bucket(
+    tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ws = make_workspace(tmp_path / "ws", tiny_model, trigger={"settle_seconds": 0})
+    watcher = Watcher(ws)
+    assert watcher.scan_once() == [] and watcher.problem is None
+    folder = ws.root / "bucket"
+    shutil.rmtree(folder)
+    with caplog.at_level(logging.WARNING, logger="evertune.trigger"):
+        assert watcher.scan_once() == []
+    assert watcher.problem is not None
+    assert f"the bucket folder {folder} does not exist" in watcher.problem
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and str(folder) in errors[0].getMessage()
+    (folder / "raw-data").mkdir(parents=True)  # the fix the message suggests
+    assert watcher.scan_once() == [] and watcher.problem is None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,45 @@ def test_overrides_apply_to_the_opened_workspace(tmp_path: Path) -> None:
     ws = Workspace.open(tmp_path, ["train.n_epochs=7"])
     assert ws.config.train.n_epochs == 7
     assert ws.state_db_url.startswith("sqlite:///") and ws.tracking_uri.startswith("sqlite:///")
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, under which a plain create gives 0644 (readable by all)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_state_db_token_and_mlflow_db_are_private(tmp_path: Path) -> None:
+    ws, _ = Workspace.init(tmp_path / "demo")
+    ws.tracking_uri  # noqa: B018 - the MLflow DB file is created on first use
+    for name in ("state.db", "token", "mlflow.db"):
+        assert stat.S_IMODE((ws.state_dir / name).stat().st_mode) == 0o600, name
+    # SQLite's WAL companions take the database file's mode.
+    for path in ws.state_dir.glob("state.db-*"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_init_force_narrows_an_existing_token_file(tmp_path: Path) -> None:
+    ws, _ = Workspace.init(tmp_path / "demo")
+    (ws.state_dir / "token").chmod(0o644)
+    _, token = Workspace.init(tmp_path / "demo", force=True)
+    assert (ws.state_dir / "token").read_text().strip() == token
+    assert stat.S_IMODE((ws.state_dir / "token").stat().st_mode) == 0o600
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_existing_state_files_with_other_modes_keep_working(tmp_path: Path) -> None:
+    ws, token = Workspace.init(tmp_path / "demo")
+    assert token is not None
+    ws.engine.dispose()
+    state_db = ws.state_dir / "state.db"
+    state_db.chmod(0o644)  # as written by earlier versions
+    again = Workspace.open(ws.root)
+    with again.engine.connect() as conn:
+        rows = conn.execute(select(db.tokens.c.sha256)).scalars().all()
+    assert rows == [hashlib.sha256(token.encode()).hexdigest()]
+    assert stat.S_IMODE(state_db.stat().st_mode) == 0o644  # left as the owner set it

@@ -43,6 +43,9 @@ Permission = Literal[
 ROLES: tuple[Role, ...] = get_args(Role)
 TOKEN_ENV = "EVERTUNE_TOKEN"
 TOKEN_FILE = "token"  # under ws.state_dir, written by `evertune init` (mode 0600)
+# Minted tokens are "evt_" + 43 URL-safe characters; anything far longer is not a token, and
+# refusing it before hashing keeps a megabyte "token" from reaching the DB lookup.
+MAX_TOKEN_CHARS = 256
 
 _APPROVER: frozenset[Permission] = frozenset({"read", "approve", "reject", "promote", "rollback"})
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
@@ -110,6 +113,12 @@ def authenticate(ws: Workspace, token: str | None) -> Principal:
         raise InvalidToken(
             "no API token given; send `Authorization: Bearer <token>` (the admin token of this "
             f"workspace is in {ws.state_dir / TOKEN_FILE}; `evertune tokens create` mints more)"
+        )
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii():
+        raise InvalidToken(
+            f"the API token is not an Evertune token (those are at most {MAX_TOKEN_CHARS} ASCII "
+            f"characters, like evt_…; this one has {len(token)} characters"
+            f"{'' if token.isascii() else ', not all ASCII'}); paste the token itself"
         )
     t = db.tokens
     with ws.engine.connect() as conn:

@@ -123,6 +123,31 @@ class Bucket:
     def __repr__(self) -> str:
         return f"Bucket({self.url!r})"
 
+    def check(self) -> str | None:
+        """What is wrong with the bucket itself, or None when it looks usable.
+
+        A local bucket folder that was deleted, unmounted or made unreadable would otherwise
+        list as empty: the watcher would see no new data and say nothing. (On S3 a missing
+        bucket or denied access makes the listing raise, which the watcher reports.)
+        """
+        root = self._local_root
+        if root is None:
+            return None
+        if not root.exists():
+            return (
+                f"the bucket folder {root} does not exist (deleted, moved or not mounted); "
+                f"recreate it (`mkdir -p {root}/raw-data`) or point storage.bucket in "
+                "evertune.yaml at the right place"
+            )
+        if not root.is_dir():
+            return f"the bucket {root} is not a folder; storage.bucket must name a folder"
+        if not os.access(root, os.R_OK | os.X_OK):
+            return (
+                f"the bucket folder {root} cannot be read by this user; fix its permissions "
+                f"(`chmod u+rx {root}`)"
+            )
+        return None
+
     # -- reading ---------------------------------------------------------------------------
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Objects whose key starts with `prefix`, sorted by key (hidden `.` names left out)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -521,6 +522,17 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
         val = getattr(v, key, None)
         t.add_row(key, str(getattr(val, "value", val)) if val is not None else "-")
     t.add_row("created", _when(v.created_at))
+    # The version's own facts: what serving and evaluation load it with (not evertune.yaml).
+    f = v.facts
+    if f:
+        fp = f.get("base_fingerprint")
+        t.add_row("base fingerprint", fp[:16] if fp else "-")
+        t.add_row("method", f"{f.get('method', '-')} ({f.get('kind', '-')})")
+        lora = f.get("lora") or {}
+        if lora:
+            t.add_row("lora", f"r={lora.get('r')} alpha={lora.get('alpha')} "
+                      f"targets={','.join(lora.get('target_modules') or [])}")
+        t.add_row("max_seq_len", str(f.get("max_seq_len", "-")))
     console.print(t)
     if v.metrics:
         m = Table(title="metrics", title_justify="left")
@@ -545,30 +557,46 @@ def _print_deploy(result: Any) -> None:
             f"  v{mv.version}: {mv.from_stage} → {mv.to_stage}  ({mv.reason})", highlight=False
         )
     if result.system_tests is not None:
-        colour = "green" if result.system_tests.passed else "red"
-        console.print(
-            f"  system tests: [{colour}]{result.system_tests.summary()}[/]", highlight=False
-        )
-    console.print(result.message)
+        tests = result.system_tests
+        colour = "green" if tests.passed else "yellow" if tests.environment else "red"
+        console.print(f"  system tests: [{colour}]{tests.summary()}[/]", highlight=False)
+    console.print(result.message, highlight=False)
 
 
 @app.command()
 def approve(
     version: str = typer.Argument(..., help="Version number."),
-    comment: str = CommentOpt,
+    comment: str = typer.Option(
+        None, "--comment", "-m",
+        help="Why (required, except with --retry; recorded in the audit trail).",
+    ),
     force: bool = typer.Option(
         False, "--force",
         help="Admin only: approve a version the gate or system tests rejected.",
     ),
+    retry: bool = typer.Option(
+        False, "--retry",
+        help="Rerun the QA system tests of an approved version whose last attempt failed "
+        "because of the environment (a busy machine, a load error).",
+    ),
 ) -> None:
     """Approve a version: deploy it to QA, run system tests, then promote to PROD (deploy.auto_promote)."""  # noqa: E501 (--help text; Rich would keep a line break)
+    if not retry and not (comment or "").strip():
+        err_console.print(
+            f"[red]error:[/] approving needs a comment saying why (it goes to the audit log): "
+            f"evertune approve {version} -m 'better on billing tickets'", highlight=False,
+        )
+        raise typer.Exit(2)
     ws = _open()
     _quiet_libraries()
     from evertune import auth, deploy
 
     with console.status(f"Deploying v{version} to QA and running system tests…"):
-        result = deploy.approve(ws, version, auth.local_principal(ws), comment, force=force)
+        result = deploy.approve(ws, version, auth.local_principal(ws), comment or "",
+                                force=force, retry=retry)
     _print_deploy(result)
+    if result.retry:
+        raise typer.Exit(1)  # not deployed: a script must not carry on as if it were
 
 
 @app.command()
@@ -685,31 +713,70 @@ runs_app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 _STATE_COLOURS = {
-    "succeeded": "green", "failed": "red", "running": "cyan", "queued": "yellow", "pending": "white"
+    "succeeded": "green", "failed": "red", "running": "cyan", "queued": "yellow",
+    "pending": "white", "skipped": "dim",
 }
 
 
 @runs_app.command("list")
-def runs_list(limit: int = typer.Option(20, "--limit", "-n", min=1)) -> None:
+def runs_list(
+    limit: int = typer.Option(20, "--limit", "-n", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as a JSON list."),
+) -> None:
     """List pipeline runs, newest first."""
     from evertune.pipeline import list_runs
 
+    runs = list_runs(_open(), limit=limit)
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in runs]))
+        return
     t = Table()
-    for col in ("run", "status", "trigger", "step", "version", "created", "duration"):
+    for col in ("run", "status", "trigger", "step", "version", "created", "duration", "note"):
         t.add_column(col)
-    for r in list_runs(_open(), limit=limit):
+    for r in runs:
         trig = r.trigger.get("key") or r.trigger.get("file_id") or r.trigger.get("source", "-")
         cur = next((s.name for s in r.steps if s.status == "running"), "-")
         c = _STATE_COLOURS.get(r.status, "white")
         dur = f"{r.duration_s:.1f}s" if r.duration_s is not None else "-"
         t.add_row(
             r.id, f"[{c}]{r.status}[/]", str(trig), cur, f"v{r.version}" if r.version else "-",
-            _when(r.created_at), dur,
+            _when(r.created_at), dur, _run_note(r),
         )
     console.print(
         t if t.row_count
-        else "No runs yet: drop a file under the bucket's raw-data/ while `evertune up` runs."
+        else "No runs yet: drop a file under the bucket's raw-data/ while `evertune up` runs.",
+        highlight=False,
     )
+
+
+def _run_note(run: Any) -> str:
+    """Why a run ended as it did (skip reason, error), or what it retries."""
+    note = run.skip_reason or run.error or ""
+    if run.retry_of:
+        note = f"retry of {run.retry_of}" + (f"; {note}" if note else "")
+    # One table row each; `runs show` and `runs list --json` have the whole text.
+    return note if len(note) <= 160 else note[:159] + "…"
+
+
+@runs_app.command("retry")
+def runs_retry(
+    run_id: str = typer.Argument(..., help="The failed run."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the retry to finish."),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds --wait waits."),
+) -> None:
+    """Run a failed run again from its failed step; steps that succeeded (training) are reused."""
+    from evertune import auth, pipeline
+
+    ws = _open()
+    new_id = pipeline.retry_run(ws, run_id, actor=auth.local_principal(ws).name)
+    run = pipeline.get_run(ws, new_id)
+    console.print(
+        f"run {new_id} retries {run_id} (status {run.status}); the steps that succeeded are "
+        f"reused, the rest run when `evertune up` picks it up: `evertune runs wait {new_id}`",
+        highlight=False,
+    )
+    if wait:
+        runs_wait(new_id, key=None, timeout=timeout)
 
 
 @runs_app.command("show")
@@ -724,7 +791,7 @@ def runs_show(run_id: str = typer.Argument(...)) -> None:
     tree = Tree(
         f"[bold]{r.id}[/] [{c}]{r.status}[/]  trigger {json.dumps(r.trigger)}", highlight=False
     )
-    icons = {"succeeded": "✔", "failed": "✘", "running": "▶", "pending": "·"}
+    icons = {"succeeded": "✔", "failed": "✘", "running": "▶", "pending": "·", "skipped": "–"}
     node = tree
     for step in r.steps:
         sc = _STATE_COLOURS.get(step.status, "white")
@@ -743,14 +810,26 @@ def runs_show(run_id: str = typer.Argument(...)) -> None:
         if step.error:
             node.add(f"[red]{step.error}[/]")
     console.print(tree)
+    if r.retry_of:
+        console.print(f"retry of run {r.retry_of}", highlight=False)
+    if r.skip_reason:
+        console.print(f"skipped: {r.skip_reason}", highlight=False)
     if r.error:
         console.print(f"[red]error:[/] {r.error}", highlight=False)
+        if r.status == "failed":
+            console.print(f"retry it from the failed step: evertune runs retry {r.id}",
+                          highlight=False)
 
 
 @runs_app.command("wait")
 def runs_wait(
     run_id: str = typer.Argument(
         None, help="Run id (default: the newest run; if there is none yet, the next one to start)."
+    ),
+    key: str | None = typer.Option(
+        None, "--key",
+        help="Wait for the run of the object now at this bucket key (raw-data/x.jsonl), even "
+        "before the watcher has started it.",
     ),
     timeout: float = typer.Option(
         3600.0, "--timeout", min=1,
@@ -760,11 +839,29 @@ def runs_wait(
     """Wait for a pipeline run to finish, showing its steps live; exit 1 if it failed."""
     from rich.live import Live
 
-    from evertune.pipeline import find_run, get_run, list_runs
+    from evertune.pipeline import find_run, get_run, list_runs, run_id_for_key
 
     ws = _open()
     deadline = time.monotonic() + timeout
-    if run_id:
+    if run_id and key:
+        err_console.print("[red]error:[/] give a run id or --key, not both")
+        raise typer.Exit(2)
+    if key:
+        # The run id follows from bucket + key + the object's current version: this drop's
+        # run, never an older run (of another key, or of this key's previous content).
+        wanted = run_id_for_key(ws, key)
+        with console.status(f"waiting for the watcher to start the run of {key} ({wanted})"):
+            while (found := find_run(ws, wanted)) is None:
+                if time.monotonic() > deadline:
+                    err_console.print(
+                        f"[red]error:[/] no run for {key} started within {timeout:g} s; is "
+                        "`evertune up` running, and is the key under trigger.prefix (raw-data/)?",
+                        highlight=False,
+                    )
+                    raise typer.Exit(1)
+                time.sleep(0.5)
+        run = found
+    elif run_id:
         run = get_run(ws, run_id)  # an unknown id is an error at once, with recent run ids
     else:
         with console.status(
@@ -793,8 +890,13 @@ def runs_wait(
             live.update(_run_table(ws, run))
     if not console.is_terminal:
         console.print()  # Live leaves its last frame without a line end in a log file or pipe
+    if run.status == "skipped":
+        console.print(f"run {run.id} skipped: {run.skip_reason}", highlight=False)
+        return
     if run.status != "succeeded":
         err_console.print(f"[red]run {run.id} failed[/]: {run.error}", highlight=False)
+        err_console.print(f"once the cause is fixed: evertune runs retry {run.id}",
+                          highlight=False)
         raise typer.Exit(1)
     console.print(
         f"[green]run {run.id} succeeded[/]"
@@ -866,18 +968,45 @@ def up(
 ) -> None:
     """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
-    _quiet_libraries()
-    from evertune import server
+    from evertune.locks import WorkspaceLock
 
-    h, p = host or ws.config.server.host, port or ws.config.server.port
-    console.print(
-        f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n"
-        f"  console http://{h}:{p}/  "
-        f"(sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n"
-        f"  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops",
-        highlight=False,
-    )
-    server.run(ws, host=h, port=p)
+    # One `up` per workspace: two would both run the pipeline and the watcher. Taken before the
+    # heavy imports so a second `up` is refused at once, naming the process that holds it.
+    lock = WorkspaceLock(ws, "evertune up", on_lost=_stop_this_process).acquire()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it with the handler found at
+    # start: make that one an exit through `finally`, so the lock is released (the default
+    # action would end the process on the spot and leave the row to be taken over).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        if lock.taken_over is not None:
+            console.print(
+                f"[yellow]took over the workspace from {lock.taken_over.describe()}, "
+                "which is no longer running[/]", highlight=False,
+            )
+        _quiet_libraries()
+        from evertune import server
+
+        h, p = host or ws.config.server.host, port or ws.config.server.port
+        console.print(
+            f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n"
+            f"  console http://{h}:{p}/  "
+            f"(sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n"
+            f"  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops",
+            highlight=False,
+        )
+        server.run(ws, host=h, port=p)
+    finally:
+        lock.release()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_this_process(reason: str) -> None:
+    """The workspace lock was lost (see evertune.locks): shut down as on Ctrl-C."""
+    err_console.print(f"[red]error:[/] {reason}", highlight=False)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @app.command()
@@ -905,12 +1034,25 @@ def serve(
 
 
 def main() -> None:
-    """Entry point: run the app; print Evertune errors as messages, not tracebacks."""
+    """Entry point: run the app; print Evertune errors as messages, not tracebacks.
+
+    A database or file the workspace cannot write (read-only, disk full) surfaces from deep
+    inside SQLAlchemy or MLflow; it is a problem of the machine, not a bug, so it too becomes a
+    message naming the store and the fix instead of a traceback.
+    """
     try:
         app()
     except EvertuneError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        from evertune.errors import as_storage_error
+
+        storage = as_storage_error(exc)
+        if storage is None:
+            raise
+        err_console.print(f"[red]error:[/] {storage}", highlight=False)
+        sys.exit(storage.exit_code)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class DataArgs(_Args):
     """Path to a frozen JSONL file that is always evaluated and never trained on."""
     include_feedback: bool = True
     """Cumulative rounds also train on the bucket's feedback/ records (not rated-down answers)."""
+    trust_unverified_feedback: bool = False
+    """Also train on feedback about responses this server cannot show it produced (an unknown
+    response id, prompt and answer sent by the client); false keeps them for review only."""
 
 
 class LoraArgs(_Args):
@@ -192,8 +195,20 @@ class ServeArgs(_Args):
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long the batcher waits for more concurrent requests before running a batch."""
     max_tokens_limit: int = Field(1024, ge=1)
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body the OpenAI routes read (bytes); a larger one is refused with 413
+    while it streams in, before it is held in memory or parsed."""
+    max_prompt_chars: int = Field(200_000, ge=1)
+    """Largest prompt (characters, all messages or prompts of a request together) accepted;
+    a longer one is refused with 400 before it is tokenized (tokenizing takes about 1 s per
+    100k characters on a slow CPU; 200k is ~50k tokens of English, past most context windows)."""
     request_log_sample: float = Field(1.0, ge=0, le=1)
     """Share of requests whose prompt and completion go to the request log (redacted)."""
+    log_prompts: bool = True
+    """false: store no prompt or completion text at all (request log, served responses); only
+    ids, versions, token counts, timings and a digest feedback can check sent text against."""
+    responses_kept: int = Field(100_000, ge=1)
+    """Newest served responses recorded (id, redacted text) so /v1/feedback can verify them."""
     follow_seconds: float = Field(1.0, gt=0)
     """How often a serving process checks whether the qa/prod aliases moved."""
 
@@ -206,6 +221,13 @@ class ServerArgs(_Args):
 class NotifyArgs(_Args):
     webhook_url: str | None = None
     """POSTed a JSON event when a version is registered and when a run fails."""
+
+
+class ApiArgs(_Args):
+    max_queued_runs: int = Field(20, ge=1, le=100_000)
+    """Pipeline runs that may be queued or running at once; one more through the API (`POST
+    /api/runs`, a fine-tuning job) is refused with 429 until some finish. Runs of bucket drops
+    count too but are never refused (the watcher has nobody to answer)."""
 
 
 class Config(_Args):
@@ -221,6 +243,7 @@ class Config(_Args):
     serve: ServeArgs = ServeArgs()
     server: ServerArgs = ServerArgs()
     notify: NotifyArgs = NotifyArgs()
+    api: ApiArgs = ApiArgs()
 
 
 def default_config_text() -> str:

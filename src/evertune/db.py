@@ -1,4 +1,4 @@
-"""The state DB schema: jobs and their events, metrics and checkpoints; API tokens.
+"""The state DB schema: jobs and their events, metrics and checkpoints; API tokens; locks.
 
     from evertune.workspace import Workspace
     engine = Workspace.open().engine       # SQLite file by default, any SQLAlchemy URL at scale
@@ -8,6 +8,9 @@ SQLAlchemy Core rather than an ORM: the rows are plain records read by several p
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from sqlalchemy import (
     JSON,
@@ -24,7 +27,11 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    make_url,
 )
+from sqlalchemy.exc import OperationalError
+
+from evertune.errors import StorageError, as_storage_error
 
 metadata = MetaData()
 
@@ -96,8 +103,52 @@ tokens = Table(
 )
 
 
+locks = Table(
+    "locks",
+    metadata,
+    Column("name", String(64), primary_key=True),  # "workspace": held by `evertune up`
+    Column("token", String(64), nullable=False),  # random per holder: the compare-and-swap key
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("purpose", String(128), nullable=False),  # "evertune up"
+    Column("started_at", Float, nullable=False),  # unix seconds
+    Column("heartbeat_at", Float, nullable=False),  # refreshed by the holder (evertune.locks)
+)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def create_private(path: Path, what: str = "the database") -> None:
+    """Create `path` empty with mode 0600 if it does not exist (an empty file is a valid, empty
+    SQLite database). It holds tokens' hashes, prompts and job data: not for other users.
+    SQLite gives its -wal and -shm files the mode of the database file. An existing file keeps
+    its mode: someone may have opened it up on purpose.
+
+    StorageError when the file cannot be created (a read-only folder, a full disk): said now,
+    rather than by SQLite's "unable to open database file" (after MLflow's ~100 s of retries).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except (FileExistsError, FileNotFoundError):
+        return  # exists, or no folder yet (whoever opens it creates the folder)
+    except OSError as exc:
+        raise storage_error(f"{what} {path}", exc) from exc
+    os.close(fd)
+
+
 def connect(url: str) -> Engine:
     """Open (and create if needed) the state DB at a SQLAlchemy URL."""
+    path = sqlite_path(url)
+    if path is not None:
+        create_private(path, "the state DB")
     engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
     if url.startswith("sqlite"):
         # WAL lets the CLI read while a training child writes; the busy timeout covers the
@@ -110,5 +161,24 @@ def connect(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
-    metadata.create_all(engine)
+    try:
+        metadata.create_all(engine)
+    except OperationalError as exc:
+        where = path or make_url(url).render_as_string(hide_password=True)
+        storage = as_storage_error(exc, f"the state DB {where}")
+        if storage is None:
+            raise
+        raise storage from exc
     return engine
+
+
+def storage_error(what: str, exc: BaseException) -> StorageError:
+    """A StorageError for a database that cannot be opened or written, naming it and the fix."""
+    found = as_storage_error(exc, what)
+    if found is not None:
+        return found
+    detail = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+    return StorageError(
+        f"cannot open or write {what}: {detail}; check that this user may write the file "
+        "and its folder (permissions, a read-only mount) and that the disk is not full"
+    )

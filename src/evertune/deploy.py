@@ -19,10 +19,19 @@ with the stages, and every move is an audit row (actor, time, from, to, reason).
 
 System tests (`run_system_tests`) load the version the way serving does
 (`models.load_for_inference`: base + adapter, merged) and run smoke prompts from the version's
-dataset test split and the golden set through `generation.generate`, the code serving calls.
-A prompt fails when its completion is empty, degenerate repetition, or slower than
-`deploy.system_tests.latency_budget_s`; any failure rejects the version (`qa → rejected`)
-with the report saved under `.evertune/system-tests/`.
+dataset test split and the golden set through `generation.generate`, the code serving calls,
+one prompt at a time so each is timed on its own (a batch would charge every prompt the whole
+batch's time). A prompt fails when its completion is empty, degenerate repetition, or slower
+than `deploy.system_tests.latency_budget_s`. Two kinds of failure, two outcomes:
+
+- wrong or broken output (empty, degenerate) rejects the version (`qa → rejected`);
+- a failure of the environment (a prompt over the latency budget on a busy machine, the model
+  could not be loaded, out of memory) says nothing about the model: the version goes back to
+  `approved` (`qa → approved`, audited with the report) and `approve(…, retry=True)`
+  (`evertune approve N --retry`, `POST /api/models/{v}/retry`, the console's Retry QA) runs
+  the tests again.
+
+Either way the report is saved under `.evertune/system-tests/`.
 
 Each operation ends with a webhook event (`model.approve`, `model.promote`, `model.reject`,
 `model.rollback`; `notify.webhook_url`, if set) carrying the moves and the outcome.
@@ -63,7 +72,8 @@ log = logging.getLogger("evertune.deploy")
 REPORTS_DIR = "system-tests"  # under ws.state_dir: one JSON report per system-test run
 LOCK_FILE = "deploy.lock"  # under ws.state_dir
 LOCK_TIMEOUT_S = 600.0  # a rollout (model load + smoke prompts) rarely takes longer
-TESTS_TAG = "system_tests"  # version tag: pass | fail (promote re-runs the tests otherwise)
+TESTS_TAG = "system_tests"  # version tag: pass | fail | error (promote re-runs unless pass)
+TESTS_ERROR = "error"  # TESTS_TAG value: the last attempt failed because of the environment
 TESTS_REPORT_TAG = "system_tests_report"  # version tag: path of the latest report
 
 # Output sanity. A completion is degenerate when it has at least this many words and fewer
@@ -95,10 +105,18 @@ class SmokeResult(BaseModel):
     completion_tokens: int
     finish_reason: str
     problems: list[str] = Field(default_factory=list)
+    # The latency problem is the machine's, not the model's: kept apart so a slow but correct
+    # answer does not reject the version.
+    over_budget: bool = False
 
     @property
     def passed(self) -> bool:
         return not self.problems
+
+    @property
+    def output_ok(self) -> bool:
+        """The completion itself is fine (it may still have been too slow)."""
+        return len(self.problems) == (1 if self.over_budget else 0)
 
 
 class SystemTestReport(BaseModel):
@@ -109,6 +127,7 @@ class SystemTestReport(BaseModel):
     started_at: float  # unix seconds
     duration_s: float
     load_s: float | None = None  # time to load base + adapter
+    generate_s: float | None = None  # wall time of all prompts (each run and timed on its own)
     max_prompts: int
     max_new_tokens: int
     latency_budget_s: float
@@ -116,6 +135,9 @@ class SystemTestReport(BaseModel):
     failures: list[str] = Field(default_factory=list)  # one line per failed check
     notes: list[str] = Field(default_factory=list)
     error: str | None = None  # the model could not be loaded or run at all
+    # True when the tests failed only for reasons outside the model (latency over budget,
+    # load error, out of memory): the version is not rejected, the tests can be retried.
+    environment: bool = False
     path: str | None = None  # where this report is saved
 
     def summary(self) -> str:
@@ -124,6 +146,11 @@ class SystemTestReport(BaseModel):
         bad = sum(1 for r in self.results if not r.passed)
         if self.error:
             return f"error: {self.error}"
+        if self.environment:
+            first = "; ".join(self.failures[:2])
+            more = f"; +{len(self.failures) - 2} more" if len(self.failures) > 2 else ""
+            return (f"{bad} of {n} smoke prompt(s) over the latency budget with correct-looking "
+                    f"output (the machine, not the model): {first}{more}")
         if self.passed:
             worst = max((r.latency_s for r in self.results), default=0.0)
             return (f"{n} smoke prompt(s) passed, slowest {worst:.3g} s "
@@ -149,6 +176,9 @@ class DeployResult(BaseModel):
     stage: str  # the version's stage at the end
     moves: list[Move] = Field(default_factory=list)
     system_tests: SystemTestReport | None = None
+    # True when the system tests failed because of the environment: the version stays
+    # approved and `approve(…, retry=True)` reruns them.
+    retry: bool = False
     message: str  # one line for the person who asked
 
 
@@ -170,25 +200,44 @@ def approve(
     comment: str,
     *,
     force: bool = False,
+    retry: bool = False,
 ) -> DeployResult:
     """Approve a version and roll it out: approved → qa → system tests → prod or rejected.
 
         deploy.approve(ws, "v3", me, "better on billing tickets")
+        deploy.approve(ws, "v3", me, "", retry=True)   # rerun QA after an environment failure
 
     Needs the approve permission (approver, admin) and a comment (the audit log's why).
     `force=True` lets an admin approve a version the quality gate or the system tests
     rejected (the override is on the record). Without `deploy.auto_promote` the version stops
     in QA after passing its tests; `promote` finishes the job. A version left `approved` by
-    an interrupted rollout is rolled out again by approving it once more.
+    an interrupted rollout, or by system tests that failed because of the environment, is
+    rolled out again by approving it once more; `retry=True` says that is what is meant
+    (refused for a version that is not `approved`) and needs no new comment.
     """
     require(actor, "approve")
     if force:
         require(actor, "override")
+    if retry and not (comment or "").strip():
+        comment = f"retry of the QA system tests by {actor.name}"
     reason = _comment(comment, "approving")
     with _locked(ws):
         reg = _registry(ws)
         mv = reg.resolve(version)
         moves: list[Move] = []
+        if retry and mv.stage is not Stage.APPROVED:
+            raise LifecycleError(
+                f"version {mv.version} is {mv.stage.value}; --retry reruns the QA system tests "
+                f"of an approved version whose last attempt failed because of the environment "
+                f"(see `evertune audit`); " + _approve_hint(mv.version, mv.stage)
+            )
+        if mv.stage is Stage.QA:
+            # qa → approved is the lifecycle's way back after an environment failure, not a
+            # fresh approval: a version in QA is promoted or rejected.
+            raise LifecycleError(
+                f"version {mv.version} is already in qa; promote it (`evertune promote "
+                f"v{mv.version}`) or reject it (`evertune reject {mv.version} -m WHY`)"
+            )
         if mv.stage is not Stage.APPROVED:
             # Check both rules before moving anything, so a refusal leaves no half-done state.
             check_transition(mv.stage, Stage.APPROVED, version=mv.version, force=force,
@@ -200,9 +249,18 @@ def approve(
         return _done(ws, "approve", actor, _rollout(ws, reg, mv.version, actor, reason, moves))
 
 
+def _approve_hint(version: int, stage: Stage) -> str:
+    if stage is Stage.PENDING:
+        return f"approve it with `evertune approve {version} -m WHY`"
+    if stage is Stage.REJECTED:
+        return (f"an admin may override that with `evertune approve {version} -m WHY --force` "
+                '(API: "force": true)')
+    return "there is nothing to retry"
+
+
 def reject(ws: Workspace, version: int | str, actor: Principal, comment: str) -> DeployResult:
-    """Reject a pending version (or one in QA): it can then never be deployed without an
-    admin override.
+    """Reject a pending version (or one approved and waiting for a QA retry, or one in QA): it
+    can then never be deployed without an admin override.
 
         deploy.reject(ws, 4, me, "trained on the wrong export")
     """
@@ -226,7 +284,8 @@ def promote(
         deploy.promote(ws, None, me, "QA looks fine")
 
     Used when `deploy.auto_promote` is false. If the version's system tests have not passed
-    (an interrupted rollout), they run first, and a failure rejects it instead.
+    (an interrupted rollout), they run first: bad output rejects it instead, a failure of the
+    environment sends it back to approved for `approve(…, retry=True)`.
     """
     require(actor, "promote")
     with _locked(ws):
@@ -252,7 +311,7 @@ def promote(
             report = _system_tests(ws, reg, mv.version)
             if not report.passed:
                 return _done(ws, "promote", actor,
-                             _tests_failed(reg, mv.version, actor, report, moves))
+                             _tests_failed(ws, reg, mv.version, actor, report, moves))
         reason = comment.strip() or f"promoted to prod by {actor.name}"
         _move(reg, reg.get_version(mv.version), Stage.PROD, actor, reason, moves)
         return _done(ws, "promote", actor, DeployResult(
@@ -355,8 +414,9 @@ def _system_tests(ws: Workspace, reg: Registry, version: int) -> SystemTestRepor
 
 
 def _run_tests(ws: Workspace, reg: Registry, version: int) -> SystemTestReport:
+    from evertune.facts import folder_base
     from evertune.generation import generate
-    from evertune.models import load_for_inference, load_tokenizer, resolve_base_model
+    from evertune.models import load_for_inference, load_tokenizer
 
     cfg = ws.config.deploy.system_tests
     started = time.time()
@@ -366,20 +426,27 @@ def _run_tests(ws: Workspace, reg: Registry, version: int) -> SystemTestReport:
     model = None
     try:
         mv = reg.get_version(version)
-        base = resolve_base_model(mv.base_model or ws.config.model.base, ws.models_dir)
+        # The version's own base (its facts), never the live model.base.
+        artifact = reg.version_artifact_path(version)
+        base = folder_base(artifact, ws.models_dir, mv.base_model or ws.config.model.base,
+                           what=f"v{version}")
         tokenizer = load_tokenizer(base)
         records, notes = _smoke_records(ws, mv, cfg.max_prompts)
         report.notes += notes
         items = [_smoke_prompt(src, rec, tokenizer) for src, rec in records]
         loaded = time.perf_counter()
-        model = load_for_inference(base, reg.version_artifact_path(version))
+        model = load_for_inference(base, artifact)
         report.load_s = round(time.perf_counter() - loaded, 3)
-        outs = generate(model, tokenizer, [p for _, _, p in items],
-                        max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                        batch_size=ws.config.serve.max_batch_size)
-        for (source, shown, prompt), out in zip(items, outs, strict=True):
+        generating = time.perf_counter()
+        for source, shown, prompt in items:
+            # One prompt per call: its latency is its own time, as one serving request's
+            # would be. In a batch every row was charged the whole batch's time, so on a busy
+            # machine (a training run beside us) correct answers went over budget.
+            [out] = generate(model, tokenizer, [prompt], max_new_tokens=cfg.max_new_tokens,
+                             temperature=0.0, batch_size=1)
             problems = _sanity(out.text)
-            if out.latency_s > cfg.latency_budget_s:
+            slow = out.latency_s > cfg.latency_budget_s
+            if slow:
                 problems.append(
                     f"took {out.latency_s:.3g} s, over the latency budget "
                     f"{cfg.latency_budget_s:g} s (deploy.system_tests.latency_budget_s)"
@@ -387,18 +454,23 @@ def _run_tests(ws: Workspace, reg: Registry, version: int) -> SystemTestReport:
             report.results.append(SmokeResult(
                 source=source, input=shown, prompt=prompt, output=out.text,
                 latency_s=round(out.latency_s, 6), completion_tokens=out.completion_tokens,
-                finish_reason=out.finish_reason, problems=problems))
+                finish_reason=out.finish_reason, problems=problems, over_budget=slow))
+        report.generate_s = round(time.perf_counter() - generating, 6)
         report.failures = [f"{r.source} prompt {r.input[:40]!r}: {p}"
                            for r in report.results for p in r.problems]
         report.passed = not report.failures
+        # Only wrong or broken output is the model's fault; slowness alone is the machine's.
+        report.environment = not report.passed and all(r.output_ok for r in report.results)
     except Exception as exc:  # noqa: BLE001 - any failure to load or generate fails the tests
-        # A version that cannot load or generate fails its tests; the deploy carries on to
-        # `rejected` with this message instead of leaving the version stuck in QA (an admin
-        # can override once it is fixed). The traceback goes to the log for the bug hunt.
+        # A model that cannot be loaded or run (missing artifact, out of memory, a busy GPU)
+        # has not been judged: the failure is the environment's, so the version is not
+        # rejected and the tests can be retried once it is fixed. The traceback goes to the
+        # log for the bug hunt.
         log.warning("system tests of version %s could not run", version, exc_info=True)
         report.error = f"{type(exc).__name__}: {exc}"
         report.failures = [report.error]
         report.passed = False
+        report.environment = True
     finally:
         del model
         gc.collect()  # a model is hundreds of MB; do not keep it until the next collection
@@ -516,7 +588,7 @@ def _rollout(
     _move(reg, mv, Stage.QA, actor, f"rollout to QA after approval ({reason})", moves)
     report = _system_tests(ws, reg, version)
     if not report.passed:
-        return _tests_failed(reg, version, actor, report, moves)
+        return _tests_failed(ws, reg, version, actor, report, moves)
     if ws.config.deploy.auto_promote:
         _move(reg, reg.get_version(version), Stage.PROD, actor,
               f"system tests passed ({report.summary()}); deploy.auto_promote", moves)
@@ -544,18 +616,54 @@ def _done(ws: Workspace, action: str, actor: Principal, result: DeployResult) ->
 
 
 def _tests_failed(
-    reg: Registry, version: int, actor: Principal, report: SystemTestReport, moves: list[Move]
+    ws: Workspace,
+    reg: Registry,
+    version: int,
+    actor: Principal,
+    report: SystemTestReport,
+    moves: list[Move],
 ) -> DeployResult:
+    """Reject the version for bad output; send it back to approved for an environment failure."""
+    if report.environment:
+        return _attempt_failed(reg, version, actor, report, moves)
     reason = f"system tests failed: {report.summary()}; report {report.path}"
     _move(reg, reg.get_version(version), Stage.REJECTED, actor, reason, moves)
     return DeployResult(version=version, stage=Stage.REJECTED.value, moves=moves,
                         system_tests=report, message=f"v{version} rejected: {reason}")
 
 
+def _attempt_failed(
+    reg: Registry, version: int, actor: Principal, report: SystemTestReport, moves: list[Move]
+) -> DeployResult:
+    """qa → approved: the QA attempt failed for a reason outside the model. It is on the
+    record (an audit row naming the report, the `system_tests=error` tag) and can be retried."""
+    retry = f"`evertune approve {version} --retry`"
+    reason = (f"QA attempt failed because of the environment, not the model: "
+              f"{report.summary()}; report {report.path}; the version stays approved, "
+              f"rerun the tests with {retry}")
+    _move(reg, reg.get_version(version), Stage.APPROVED, actor, reason, moves)
+    _drop_qa_alias(reg, version)
+    return DeployResult(
+        version=version, stage=Stage.APPROVED.value, moves=moves, system_tests=report,
+        retry=True,
+        message=(f"v{version} stays approved: its QA system tests could not judge it "
+                 f"({report.summary()}); once the machine is less busy or the fault is fixed, "
+                 f"rerun them with {retry} (API: POST /api/models/{version}/retry)"),
+    )
+
+
+def _drop_qa_alias(reg: Registry, version: int) -> None:
+    # The `qa` alias follows the stage: a version sent back to approved no longer holds QA.
+    # (Registry.transition drops it for rejected; approved is a move it does not special-case.)
+    if "qa" in reg.get_version(version).aliases:
+        reg.client.delete_registered_model_alias(reg.name, "qa")
+
+
 def _tag_tests(reg: Registry, version: int, report: SystemTestReport) -> None:
     # Tags let `promote` (and the console) see whether this version's tests passed.
     client, name = reg.client, reg.name
-    client.set_model_version_tag(name, str(version), TESTS_TAG, "pass" if report.passed else "fail")
+    value = "pass" if report.passed else TESTS_ERROR if report.environment else "fail"
+    client.set_model_version_tag(name, str(version), TESTS_TAG, value)
     if report.path:
         client.set_model_version_tag(name, str(version), TESTS_REPORT_TAG, report.path)
 

@@ -211,6 +211,16 @@ def version_base(facts: VersionFacts, models_dir: Path, *, what: str = "this ver
     )
 
 
+def folder_base(folder: Path, models_dir: Path, fallback: str, *, what: str) -> Path:
+    """The base of a result/version folder: from its facts when Evertune trained it, else
+    (a folder from elsewhere, or registered before facts existed) the `fallback` spec."""
+    from evertune.models import resolve_base_model
+
+    if (folder / RESULT_META).is_file():
+        return version_base(read_facts(folder), models_dir, what=what)
+    return resolve_base_model(fallback, models_dir)
+
+
 def tag_value(facts: VersionFacts) -> str:
     """The compact JSON stored in the version's `facts` registry tag (well under MLflow's
     tag size limit: the chat template is stored by hash)."""

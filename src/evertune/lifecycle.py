@@ -3,17 +3,24 @@
     from evertune.lifecycle import Stage, check_transition
     check_transition(Stage.PENDING, Stage.APPROVED, version=3)   # fine
     check_transition("rejected", "qa", version=3)
-    # LifecycleError: version 3 is rejected; allowed: none (a rejected version can only be
-    # approved with an admin override: force=True by a user with the admin role)
+    # LifecycleError: version 3 is rejected; it cannot move to qa; allowed: none (a rejected
+    # version can only be approved with an admin override: `evertune approve 3 --force`
+    # (API: "force": true) by a user with the admin role)
 
 `Registry.transition` (registry.py) calls `check_transition` before it touches MLflow, so every
 path that moves a version (CLI, control API, deploy, pipeline) obeys the same rules:
 
     pending ──▶ approved ──▶ qa ──▶ prod ──▶ retired
-       │                      │       ▲          │
-       └──▶ rejected ◀────────┘       └──────────┘ rollback (retired → prod)
+       │           ▲          │       ▲          │
+       │           └──────────┤       └──────────┘ rollback (retired → prod)
+       │                      │  qa → approved: the QA attempt failed because of the
+       │                      │  environment (latency, load error, out of memory), not the
+       │                      │  model; `evertune approve N --retry` runs it again
+       │                      │  (or a person rejects the approved version meanwhile)
+       └──▶ rejected ◀────────┘
               │
-              └──▶ approved   only with an admin override (force=True, role admin)
+              └──▶ approved   only with an admin override (`evertune approve N --force`,
+                              role admin)
 
 A version registered after a failed quality gate starts in `rejected` (`initial_stage`); an
 admin may still approve it, on purpose and on the record. Each stage maps to the MLflow tag
@@ -51,8 +58,11 @@ class ApprovalStatus(StrEnum):
 
 TRANSITIONS: dict[Stage, frozenset[Stage]] = {
     Stage.PENDING: frozenset({Stage.APPROVED, Stage.REJECTED}),
-    Stage.APPROVED: frozenset({Stage.QA}),
-    Stage.QA: frozenset({Stage.PROD, Stage.REJECTED}),
+    # approved → rejected: a version waiting for a QA retry can still be turned down.
+    Stage.APPROVED: frozenset({Stage.QA, Stage.REJECTED}),
+    # qa → approved: system tests could not judge the model (a busy machine, a load error);
+    # the version goes back to wait for a retry instead of being rejected for good.
+    Stage.QA: frozenset({Stage.APPROVED, Stage.PROD, Stage.REJECTED}),
     Stage.PROD: frozenset({Stage.RETIRED}),
     Stage.RETIRED: frozenset({Stage.PROD}),  # rollback
     Stage.REJECTED: frozenset(),
@@ -68,6 +78,7 @@ OVERRIDES: dict[Stage, frozenset[Stage]] = {
 _NOTES: dict[tuple[Stage, Stage], str] = {
     (Stage.RETIRED, Stage.PROD): "rollback",
     (Stage.QA, Stage.REJECTED): "system tests failed",
+    (Stage.QA, Stage.APPROVED): "QA attempt failed for a reason outside the model; retry",
     (Stage.PROD, Stage.RETIRED): "replaced or withdrawn",
 }
 
@@ -129,14 +140,15 @@ def check_transition(
     target = parse_stage(target, "target stage")
     who = f"version {version}" if version is not None else "this version"
     if target is current:
-        raise LifecycleError(f"{who} is already {current}; {_allowed_text(current)}")
+        raise LifecycleError(f"{who} is already {current}; {_allowed_text(current, version)}")
     if target in TRANSITIONS[current]:
         return
     if target in OVERRIDES.get(current, frozenset()):
         if not force:
             raise LifecycleError(
-                f"{who} is {current}; {_allowed_text(current)}. Moving it to {target} needs "
-                f"an admin override (force=True, by a user with the admin role)"
+                f"{who} is {current}; {_allowed_text(current, version)}. Moving it to {target} "
+                f"needs an admin override ({_override_how(version)}, by a user with the admin "
+                "role)"
             )
         if role != ADMIN_ROLE:
             raise LifecycleError(
@@ -145,11 +157,18 @@ def check_transition(
             )
         return
     raise LifecycleError(
-        f"{who} is {current}; it cannot move to {target}; {_allowed_text(current)}"
+        f"{who} is {current}; it cannot move to {target}; {_allowed_text(current, version)}"
     )
 
 
-def _allowed_text(current: Stage) -> str:
+def _override_how(version: int | str | None) -> str:
+    """How a person asks for the override. The library's callers are people at the CLI, so
+    the message names the CLI flag; the API's name for it follows in brackets."""
+    ref = version if version is not None else "VERSION"
+    return f'`evertune approve {ref} --force` (API: "force": true)'
+
+
+def _allowed_text(current: Stage, version: int | str | None = None) -> str:
     targets = allowed_targets(current)
     if targets:
         shown = ", ".join(
@@ -159,7 +178,7 @@ def _allowed_text(current: Stage) -> str:
     if OVERRIDES.get(current):
         return (
             f"allowed: none (a {current} version can only be approved with an admin override: "
-            f"force=True by a user with the admin role)"
+            f"{_override_how(version)} by a user with the admin role)"
         )
     return "allowed: none"
 

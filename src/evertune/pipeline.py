@@ -7,6 +7,7 @@
     run = pipeline.wait_run(ws, run_id, timeout=600)
     run.status, run.version, [(s.name, s.status, s.duration_s) for s in run.steps]
     pipeline.list_runs(ws)         # newest first, with their steps
+    pipeline.retry_run(ws, run_id) # a failed run again, reusing the steps that succeeded
     pipeline.shutdown()
 
 Workflow `tuning_pipeline(trigger)`, workflow id = run id, so one trigger never starts two runs
@@ -22,6 +23,19 @@ run id). Steps, each a DBOS step calling the same functions as the CLI (`evertun
     ModelEvaluation    candidate vs PROD (if any) vs base + the quality gate → report id
     RegisterModel      one MLflow version per job (idempotent per job id), PendingManualApproval
                        or Rejected by the gate; then the webhook (`notify.webhook_url`)
+
+A bucket run whose training set is unchanged (the dataset version the latest registered
+version was trained on, same method and base) ends after DataPreprocessing as `skipped`, with
+the reason (`Run.skip_reason`): a drop that adds no new record does not train a copy.
+
+Retry (`retry_run`, `evertune runs retry RUN`, `POST /api/runs/{id}/retry`): a failed run is
+run again as a new workflow `<run id>-retry<N>` whose trigger names the failed run
+(`retry_of`). Each step first looks at the failed run's record of itself: a step that
+succeeded there is not run again, its recorded outputs are reused (training's job id
+included, so 127 s of training is not lost to an evaluation that hit a read-only MLflow DB);
+the failed step and those after it run. A new workflow rather than DBOS's fork: our step
+records are the outputs to reuse, they survive DBOS's own garbage collection, and the CLI can
+enqueue it with a DBOS client while `evertune up` (another process) runs it.
 
 Every step's status, start/end, outputs (small JSON) and log lines are rows in the state DB
 (`pipeline_runs`, `pipeline_steps`), written before the workflow is even dequeued, so a run is
@@ -51,6 +65,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,9 +101,10 @@ log = logging.getLogger("evertune.pipeline")
 T = TypeVar("T")
 
 STEPS = ("DataPreprocessing", "FineTuning", "ModelEvaluation", "RegisterModel")
-RunStatus = Literal["queued", "running", "succeeded", "failed"]
-StepStatus = Literal["pending", "running", "succeeded", "failed"]
-FINAL = frozenset({"succeeded", "failed"})
+RunStatus = Literal["queued", "running", "succeeded", "failed", "skipped"]
+StepStatus = Literal["pending", "running", "succeeded", "failed", "skipped"]
+FINAL = frozenset({"succeeded", "failed", "skipped"})
+RETRY_SUFFIX = re.compile(r"-retry(\d+)$")  # run-…-retry2: the second retry of run-…
 
 QUEUE = "evertune-pipeline"
 QUEUE_POLL_S = 0.25  # how often DBOS looks for a queued run to start (latency vs idle DB reads)
@@ -118,7 +134,7 @@ pipeline_runs = Table(
     Column("id", String(64), primary_key=True),  # = DBOS workflow id
     Column("model", String(128), nullable=False, index=True),  # registered model name
     Column("trigger", JSON, nullable=False),
-    Column("status", String(16), nullable=False),  # queued | running | succeeded | failed
+    Column("status", String(16), nullable=False),  # queued|running|succeeded|failed|skipped
     Column("created_at", Float, nullable=False),  # unix seconds; when it was queued
     Column("started_at", Float),
     Column("finished_at", Float),
@@ -132,7 +148,7 @@ pipeline_steps = Table(
     Column("run_id", String(64), nullable=False),
     Column("name", String(32), nullable=False),
     Column("position", Integer, nullable=False),  # 0..3, the order in STEPS
-    Column("status", String(16), nullable=False),  # pending | running | succeeded | failed
+    Column("status", String(16), nullable=False),  # pending|running|succeeded|failed|skipped
     Column("started_at", Float),  # first attempt
     Column("finished_at", Float),
     Column("attempts", Integer, nullable=False, default=0),  # >1: re-run after a restart
@@ -224,6 +240,21 @@ class Run(BaseModel):
     def job_id(self) -> str | None:
         return next((s.outputs.get("job") for s in self.steps if s.outputs.get("job")), None)
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def skip_reason(self) -> str | None:
+        """Why a skipped run did not train (DataPreprocessing's `skipped` output)."""
+        if self.status != "skipped":
+            return None
+        return next((str(s.outputs["skipped"]) for s in self.steps if s.outputs.get("skipped")),
+                    "skipped")
+
+    @property
+    def retry_of(self) -> str | None:
+        """The failed run this run retries, if it is a retry."""
+        value = self.trigger.get("retry_of")
+        return str(value) if value else None
+
 
 def _row_to_run(row: Any, steps: list[StepRecord]) -> Run:
     m = row._mapping
@@ -308,6 +339,120 @@ def wait_run(ws: Workspace, run_id: str, timeout: float = 600.0, poll: float = 0
         time.sleep(poll)
 
 
+def retry_id(run_id: str) -> str:
+    """The id of the retry of `run_id`: run-x → run-x-retry1, run-x-retry1 → run-x-retry2."""
+    m = RETRY_SUFFIX.search(run_id)
+    if m is None:
+        return f"{run_id}-retry1"
+    return f"{run_id[: m.start()]}-retry{int(m.group(1)) + 1}"
+
+
+def retry_run(ws: Workspace, run_id: str, *, actor: str | None = None) -> str:
+    """Run a failed run again from its failed step; the steps that succeeded are reused.
+
+        new_id = pipeline.retry_run(ws, "run-3f2a…")   # → "run-3f2a…-retry1", queued
+
+    The retry is a new run (`retry_id(run_id)`) with the same trigger plus `retry_of`. With the
+    runtime in this process it is enqueued here; otherwise (the CLI beside `evertune up`) a
+    DBOS client enqueues it for the process that runs the pipeline. Retrying the same run
+    twice returns the retry already made. PipelineError when the run has not failed.
+    """
+    run = get_run(ws, run_id)
+    new_id = retry_id(run.id)
+    if run.status != "failed":
+        what = {"succeeded": "it succeeded", "skipped": f"it was skipped ({run.skip_reason})"}
+        raise PipelineError(
+            f"run {run.id} is {run.status}; only a failed run can be retried"
+            + (f" ({what[run.status]})" if run.status in what else
+               " (wait for it: `evertune runs wait " + run.id + "`)")
+        )
+    existing = find_run(ws, new_id)
+    if existing is not None:
+        if existing.status == "queued":
+            _enqueue(ws, new_id, existing.trigger)  # idempotent; a crash may have stopped it
+        return new_id
+    if len(new_id) > 64:  # the id column's width; a run retried this often has a real problem
+        raise PipelineError(f"run {run.id} has been retried too often; start a new run instead")
+    trigger = {k: v for k, v in run.trigger.items() if k not in ("run_id", "actor")}
+    trigger.update(run_id=new_id, retry_of=run.id)
+    if actor:
+        trigger["actor"] = actor
+    try:
+        _insert_run(ws, new_id, run.model, trigger, "queued", started_at=None)
+    except IntegrityError:  # another caller retried it a moment ago; that one enqueues
+        return new_id
+    _enqueue(ws, new_id, trigger)
+    log.info("run %s queued to retry %s", new_id, run.id)
+    return new_id
+
+
+def _enqueue(ws: Workspace, run_id: str, trigger: dict[str, Any]) -> None:
+    """Enqueue the run's workflow: here when the runtime runs in this process, else through a
+    DBOS client on the system DB, for the `evertune up` process that runs the pipeline."""
+    model = ws.config.model.name
+    if _runtime is not None:
+        def enqueue() -> None:
+            with SetWorkflowID(run_id), SetEnqueueOptions(queue_partition_key=model):
+                DBOS.enqueue_workflow(QUEUE, tuning_pipeline, trigger)
+
+        _off_loop(enqueue)
+        return
+    from dbos import DBOSClient, EnqueueOptions
+
+    options: EnqueueOptions = {
+        "queue_name": QUEUE,
+        "workflow_name": WORKFLOW_NAME,
+        "workflow_id": run_id,
+        "app_version": APP_VERSION,
+        "queue_partition_key": model,
+    }
+    try:
+        client = DBOSClient(system_database_url=system_database_url(ws),
+                            application_name="evertune")
+        try:
+            client.enqueue(options, trigger)
+        finally:
+            client.destroy()
+    except Exception as exc:
+        # No pipeline has run in this workspace yet (a DBOS client does not create DBOS's
+        # tables), or its DB is unreachable now: the run stays queued in our table and the
+        # next `launch()` enqueues it (`_enqueue_queued`).
+        log.info("run %s stays queued until the pipeline starts: %s", run_id, exc)
+
+
+def _enqueue_queued(ws: Workspace) -> None:
+    """Enqueue this model's runs recorded as queued (at launch): a retry queued while no
+    pipeline ran, or a run whose enqueue a crash cut off. DBOS ignores ids it already has."""
+    t = pipeline_runs
+    with _engine(ws).connect() as conn:
+        rows = conn.execute(
+            select(t.c.id, t.c.trigger)
+            .where(t.c.status == "queued", t.c.model == ws.config.model.name)
+            .order_by(t.c.created_at)
+        ).all()
+    for row in rows:
+        try:
+            _enqueue(ws, row.id, row.trigger or {})
+        except Exception:  # one bad row must not stop the pipeline from starting
+            log.exception("could not enqueue queued run %s", row.id)
+
+
+def run_id_for_key(ws: Workspace, key: str) -> str:
+    """The run id the watcher gives the object now at `key` in the workspace's bucket.
+
+        pipeline.run_id_for_key(ws, "raw-data/tickets.jsonl")   # → "run-…" (maybe not yet started)
+
+    The id is derived from the bucket, the key and the object's current version, so this
+    names the run of *this* drop, not an older run of the same key. NotFoundError when no
+    object is at `key`.
+    """
+    from evertune.bucket import Bucket
+
+    bucket = Bucket.for_workspace(ws)
+    info = bucket.info(key)
+    return run_id_for({"bucket": bucket.url, "key": key, "version": info.version})
+
+
 # -- runtime -----------------------------------------------------------------------------------
 
 
@@ -381,6 +526,7 @@ def launch(ws: Workspace, *, warm: bool = True) -> None:
             _runtime = None
             DBOS.destroy()
             raise
+        _enqueue_queued(ws)
     if warm:
         threading.Thread(target=_warm_up, args=(ws,), name="evertune-warm-up", daemon=True).start()
 
@@ -677,6 +823,43 @@ def _recorded(ws: Workspace, run_id: str, name: str) -> Iterator[_StepContext]:
     ctx.log("succeeded")
 
 
+def _reused(
+    ws: Workspace, run_id: str, trigger: dict[str, Any], name: str
+) -> dict[str, Any] | None:
+    """A retry's step that succeeded in the failed run: record it as reused, return its outputs.
+
+    None when this run is not a retry or the step did not succeed there (then it runs).
+    """
+    prev = trigger.get("retry_of")
+    if not prev:
+        return None
+    t = pipeline_steps
+    with _engine(ws).connect() as conn:
+        row = conn.execute(
+            select(t.c.status, t.c.outputs, t.c.started_at, t.c.finished_at)
+            .where(t.c.run_id == str(prev), t.c.name == name)
+        ).first()
+    if row is None or row.status != "succeeded":
+        return None
+    outputs = dict(row.outputs or {})
+    # The run that did the work, kept through a chain of retries.
+    outputs.setdefault("reused_from", str(prev))
+    took = (row.finished_at or 0) - (row.started_at or 0)
+    message = (f"reused from run {outputs['reused_from']}, where it succeeded in {took:.1f} s; "
+               "not run again")
+    now = time.time()
+    with ws.engine.begin() as conn:
+        conn.execute(
+            update(t)
+            .where(t.c.run_id == run_id, t.c.name == name)
+            .values(status="succeeded", started_at=now, finished_at=now, outputs=outputs,
+                    error=None)
+        )
+    _append_log(ws, run_id, name, message)
+    log.info("%s %s: %s", run_id, name, message)
+    return outputs
+
+
 def _test_pause(ctx: _StepContext, point: Literal["work", "after"]) -> None:
     """The crash-test hook (see the module docstring): sleep here if the env var says so."""
     wanted = os.environ.get(PAUSE_ENV, "")
@@ -705,6 +888,8 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
     from evertune.data.store import get_dataset
 
     ws = _run_ws(trigger)
+    if (reused := _reused(ws, run_id, trigger, "DataPreprocessing")) is not None:
+        return reused
     with _recorded(ws, run_id, "DataPreprocessing") as ctx:
         _test_pause(ctx, "work")
         if trigger.get("source") == "bucket":
@@ -756,7 +941,14 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
             # The cumulative union of all drops so far, with the bucket's feedback folded in.
             training = steps.training_data(ws, log=ctx.log)
         ctx.outputs.update(training_dataset=training.id, counts=dict(training.counts))
-        ctx.log(f"training on {training.id} ({ws.config.data.mode}): {training.counts}")
+        # A drop with nothing new (bucket runs only: an API run names its dataset on purpose).
+        bucket_run = trigger.get("source") == "bucket"
+        skipped = steps.unchanged_reason(ws, training) if bucket_run else None
+        if skipped:
+            ctx.outputs["skipped"] = skipped
+            ctx.log(skipped)
+        else:
+            ctx.log(f"training on {training.id} ({ws.config.data.mode}): {training.counts}")
         _test_pause(ctx, "after")
         return dict(ctx.outputs)
 
@@ -799,6 +991,8 @@ def fine_tuning(run_id: str, trigger: dict[str, Any], data: dict[str, Any]) -> d
     from evertune.training import jobs
 
     ws = _run_ws(trigger)
+    if (reused := _reused(ws, run_id, trigger, "FineTuning")) is not None:
+        return reused
     with _recorded(ws, run_id, "FineTuning") as ctx:
         dataset = get_dataset(ws, data["training_dataset"])
         job = jobs.create_job(ws, dataset, run_id=run_id)  # the same job on a re-run
@@ -880,6 +1074,8 @@ def model_evaluation(run_id: str, trigger: dict[str, Any], tuned: dict[str, Any]
     from evertune.training.jobs import get_job
 
     ws = _run_ws(trigger)
+    if (reused := _reused(ws, run_id, trigger, "ModelEvaluation")) is not None:
+        return reused
     with _recorded(ws, run_id, "ModelEvaluation") as ctx:
         _test_pause(ctx, "work")
 
@@ -950,23 +1146,37 @@ def _run_started(run_id: str, trigger: dict[str, Any]) -> None:
 
 @DBOS.step(name="RunFinished")
 def _run_finished(
-    run_id: str, trigger: dict[str, Any], registered: dict[str, Any] | None, error: str | None
+    run_id: str,
+    trigger: dict[str, Any],
+    registered: dict[str, Any] | None,
+    error: str | None,
+    skipped: str | None = None,
 ) -> None:
     """Record the run's outcome and send the webhook (at least once; see notify.py)."""
     from evertune import notify
 
     ws = _run_ws(trigger)
+    status = "failed" if error else "skipped" if skipped else "succeeded"
     with _engine(ws).begin() as conn:
         conn.execute(
             update(pipeline_runs)
             .where(pipeline_runs.c.id == run_id)
             .values(
-                status="failed" if error else "succeeded",
+                status=status,
                 finished_at=time.time(),
                 error=error,
                 version=(registered or {}).get("version"),
             )
         )
+        if skipped:
+            # The steps after DataPreprocessing did not run, on purpose: say so, not "pending".
+            conn.execute(
+                update(pipeline_steps)
+                .where(pipeline_steps.c.run_id == run_id, pipeline_steps.c.status == "pending")
+                .values(status="skipped")
+            )
+    if skipped:
+        return  # nothing was registered, nothing failed: no one needs paging
     base = {
         "run_id": run_id,
         "model": ws.config.model.name,
@@ -995,6 +1205,9 @@ def tuning_pipeline(trigger: dict[str, Any]) -> dict[str, Any]:
     _run_started(run_id, trigger)
     try:
         data = data_preprocessing(run_id, trigger)
+        if data.get("skipped"):
+            _run_finished(run_id, trigger, None, None, str(data["skipped"]))
+            return {"run_id": run_id, "status": "skipped", "reason": data["skipped"]}
         tuned = fine_tuning(run_id, trigger, data)
         evaluated = model_evaluation(run_id, trigger, tuned)
         registered = register_model(run_id, trigger, tuned, evaluated)

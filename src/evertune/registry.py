@@ -51,7 +51,14 @@ from urllib.request import url2pathname
 from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, insert, select
 
 from evertune import db
-from evertune.errors import EvertuneError, LifecycleError, NotFoundError, RegistryError
+from evertune.errors import (
+    EvertuneError,
+    LifecycleError,
+    NotFoundError,
+    RegistryError,
+    StorageError,
+    as_storage_error,
+)
 from evertune.lifecycle import (
     ApprovalStatus,
     Stage,
@@ -119,6 +126,9 @@ class ModelVersion:
     eval_report: str | None = None  # evaluation report id (.evertune/evals/<id>/)
     aliases: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # all raw MLflow tags
+    # The version's own facts (evertune.facts): base model + fingerprint, LoRA settings,
+    # template hash, max_seq_len, method. Empty for versions registered before they existed.
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
@@ -146,6 +156,7 @@ class ModelVersion:
             "source": self.source,
             "description": self.description,
             "aliases": list(self.aliases),
+            "facts": dict(self.facts),
         }
 
 
@@ -205,7 +216,7 @@ class Registry:
         """The experiment named after the model, created (or restored) on first use."""
         from mlflow.exceptions import MlflowException
 
-        with _mlflow_errors(f"open the MLflow experiment {self.name!r}"):
+        with _mlflow_errors(f"open the MLflow experiment {self.name!r}", self.ws):
             exp = self.client.get_experiment_by_name(self.name)
             if exp is None:
                 try:
@@ -264,7 +275,7 @@ class Registry:
     # -- reading -----------------------------------------------------------------------
     def list_versions(self) -> list[ModelVersion]:
         """Every version of the model, newest first (empty before the first registration)."""
-        with _mlflow_errors(f"list versions of {self.name!r}"):
+        with _mlflow_errors(f"list versions of {self.name!r}", self.ws):
             raw = self._search()
             aliases = self._aliases()
         versions = [_parse_version(mv, aliases.get(int(mv.version), [])) for mv in raw]
@@ -311,7 +322,7 @@ class Registry:
 
     def find_by_job(self, job_id: str) -> ModelVersion | None:
         """The version registered from a fine-tuning job, if any."""
-        with _mlflow_errors(f"search versions of job {job_id}"):
+        with _mlflow_errors(f"search versions of job {job_id}", self.ws):
             raw = self._search(f"tags.job = {_quote(job_id)}")
         if not raw:
             return None
@@ -350,7 +361,7 @@ class Registry:
         # (killed process, network error) never looks like a complete adapter.
         tmp = Path(tempfile.mkdtemp(prefix=f".{mv.version}-", dir=cache))
         try:
-            with _mlflow_errors(f"download version {mv.version} from {mv.source}"):
+            with _mlflow_errors(f"download version {mv.version} from {mv.source}", self.ws):
                 got = mlflow.artifacts.download_artifacts(
                     artifact_uri=mv.source, dst_path=str(tmp), tracking_uri=self.ws.tracking_uri
                 )
@@ -456,6 +467,9 @@ class Registry:
             "gate_reasons": json.dumps(reasons),
             "metrics": json.dumps(summary, sort_keys=True),
         }
+        facts_tag = _facts_tag(adapter)
+        if facts_tag:
+            tags["facts"] = facts_tag
         report_id = _get(report, "id")
         if report_id:
             tags["eval_report"] = str(report_id)  # .evertune/evals/<id>/report.json
@@ -524,7 +538,7 @@ class Registry:
                 f"gate or the tests were wrong)"
             )
         data: dict[str, Any] = {"forced": True, "role": role} if force else {}
-        with _mlflow_errors(f"move version {mv.version} to {target}"):
+        with _mlflow_errors(f"move version {mv.version} to {target}", self.ws):
             self._apply_stage(mv, target, actor, data)
         if not repeat:
             self._audit(mv.version, "transition", mv.stage, target, actor, reason, data)
@@ -597,7 +611,7 @@ class Registry:
         if alias == "latest" or re.fullmatch(r"[vV]\d+", alias):
             raise RegistryError(f"alias {alias!r} is reserved by MLflow; pick another name")
         mv = self.get_version(v)
-        with _mlflow_errors(f"set alias {alias!r} to version {mv.version}"):
+        with _mlflow_errors(f"set alias {alias!r} to version {mv.version}", self.ws):
             self.client.set_registered_model_alias(self.name, alias, str(mv.version))
         self._audit(mv.version, "alias", mv.stage, mv.stage, actor, reason, {"alias": alias})
         return self.get_version(mv.version)
@@ -612,7 +626,7 @@ class Registry:
         mv = self.alias_version(alias)
         if mv is None:
             return
-        with _mlflow_errors(f"delete alias {alias!r}"):
+        with _mlflow_errors(f"delete alias {alias!r}", self.ws):
             self.client.delete_registered_model_alias(self.name, alias)
         self._audit(
             mv.version,
@@ -789,7 +803,25 @@ def _parse_version(mv: MlflowModelVersion, aliases: list[str]) -> ModelVersion:
         eval_report=tags.get("eval_report"),
         aliases=sorted(aliases),
         tags=tags,
+        facts=_json_dict(tags.get("facts")),
     )
+
+
+def _facts_tag(adapter: Path) -> str | None:
+    """The adapter folder's facts as the `facts` tag (None for a folder without them)."""
+    from evertune.facts import RESULT_META, read_facts, tag_value
+
+    if not (adapter / RESULT_META).is_file():
+        return None
+    return tag_value(read_facts(adapter))
+
+
+def _json_dict(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _version_number(v: int | str) -> int:
@@ -1069,13 +1101,37 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 @contextlib.contextmanager
-def _mlflow_errors(what: str) -> Iterator[None]:
-    """Turn MLflow's exceptions into RegistryError saying what we were doing."""
+def _mlflow_errors(what: str, ws: Workspace | None = None) -> Iterator[None]:
+    """Turn MLflow's exceptions into RegistryError saying what we were doing, and a store that
+    cannot be written (read-only file, full disk) into StorageError naming `ws`'s store."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except EvertuneError:
         raise
-    except MlflowException as exc:
-        raise RegistryError(f"could not {what}: MLflow said: {exc.message}") from exc
+    except Exception as exc:
+        # MLflow wraps SQLite's "attempt to write a readonly database" in MlflowException, but
+        # lets the engine's "unable to open database file" through raw.
+        storage = as_storage_error(exc, _store_name(ws))
+        if storage is not None:
+            raise StorageError(f"could not {what}: {storage}") from exc
+        if isinstance(exc, MlflowException):
+            raise RegistryError(f"could not {what}: MLflow said: {exc.message}") from exc
+        raise
+
+
+def _store_name(ws: Workspace | None) -> str:
+    """The MLflow store for a message: its SQLite file, else its URI without a password."""
+    if ws is None:
+        return "the MLflow store (registry.tracking_uri; by default .evertune/mlflow.db)"
+    uri = ws.tracking_uri
+    path = db.sqlite_path(uri)
+    if path is not None:
+        return f"the MLflow database {path}"
+    if "://" in uri and "@" in uri.split("://", 1)[1]:
+        from sqlalchemy import make_url
+
+        with contextlib.suppress(Exception):
+            uri = make_url(uri).render_as_string(hide_password=True)
+    return f"the MLflow store {uri}"

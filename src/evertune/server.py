@@ -75,10 +75,27 @@ def create_app(
     app.state.ready = False
     app.state.workspace = ws
 
+    def problems() -> list[str]:
+        """What keeps this process from doing its job right now (empty when all is well)."""
+        found: list[str] = []
+        if watcher is not None:
+            if not watcher.running:
+                found.append("the bucket watcher is not running: new data is not picked up")
+            elif watcher.problem:
+                found.append(f"bucket watcher: {watcher.problem}")
+        return found
+
+    app.state.health_problems = problems  # the console reads it too
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
+        """`status`: starting | ok | degraded; `problems` says what is degraded and why.
+        Degraded still answers 200: the process is alive (a restart would not fix a deleted
+        bucket folder); monitors should alert on the status field."""
+        found = problems() if app.state.ready else []
+        status = "starting" if not app.state.ready else ("degraded" if found else "ok")
         return {
-            "status": "ok" if app.state.ready else "starting", "workspace": str(ws.root),
+            "status": status, "problems": found, "workspace": str(ws.root),
             "model": ws.config.model.name,
         }
 
@@ -99,13 +116,21 @@ def run(
     ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True,
     stages: tuple[str, ...] = ("prod", "qa"),
 ) -> None:
-    """Serve the app with uvicorn until interrupted."""
+    """Serve the app with uvicorn until interrupted.
+
+    Raises `UnprotectedServingError` before starting anything when `host` is not a loopback
+    address and the workspace has no serving key (the message says how to create one).
+    """
     import uvicorn
 
+    from evertune.serving.keys import require_keys_off_loopback
+
+    bind = host or ws.config.server.host
+    require_keys_off_loopback(ws, bind)
     app = create_app(ws, control=control, stages=stages)
     uvicorn.run(
         app,
-        host=host or ws.config.server.host,
+        host=bind,
         port=port or ws.config.server.port,
         log_level="warning",
         # One worker: DBOS and the bucket watcher must run once per workspace process; scale

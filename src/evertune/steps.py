@@ -59,6 +59,34 @@ def training_data(
     return training_dataset(ws, kind="sft", ref=ref)
 
 
+def unchanged_reason(ws: Workspace, dataset: DatasetVersion) -> str | None:
+    """Why training on `dataset` now would repeat the latest registered version, or None.
+
+    The latest version (highest number, whatever its stage) was trained on this very dataset
+    version (content-addressed: same records), with the same method and base model: a round
+    would spend the training time to register a copy of it. A drop that adds no new record
+    (the same file again, or only rows already stored) is that case.
+    """
+    from evertune.registry import Registry
+
+    versions = Registry(ws).list_versions()
+    if not versions:
+        return None
+    latest = versions[0]
+    facts = latest.facts or {}
+    method = str(facts.get("method") or "supervised")  # versions before facts: supervised
+    base = facts.get("base_model") or latest.base_model
+    if latest.dataset != dataset.id or method != ws.config.train.method:
+        return None
+    if base and str(base) != ws.config.model.base:
+        return None  # a new base model: the same data makes a different model
+    return (
+        f"training set {dataset.id} is the one v{latest.version} was trained on "
+        f"({method}, no new records), so this run did not train again; drop new records to "
+        f"train, or start a run on purpose (`evertune tune`, POST /api/runs)"
+    )
+
+
 def fold_feedback(ws: Workspace, log: Callable[[str], Any]) -> AddResult | None:
     """Store all of the bucket's feedback/ records as one dataset version (content-addressed:
     unchanged feedback is the version already stored). None when there is no feedback, or

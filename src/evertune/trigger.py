@@ -27,8 +27,10 @@ Which objects are picked up (keys under `trigger.prefix`, plus `feedback/` when
   settling.
 
 A bad file is not the watcher's business: its run fails at DataPreprocessing with the reason
-(see `evertune runs show`), and the watcher goes on. Errors of the watcher itself (the bucket is
-unreachable, a listing fails) are logged and retried on the next scan; the thread never dies.
+(see `evertune runs show`), and the watcher goes on. Errors of the watcher itself (the bucket
+folder is gone, the bucket is unreachable, a listing fails) are logged as errors, kept in
+`Watcher.problem` (which `/healthz` reports as "degraded") and retried on the next scan; the
+thread never dies.
 """
 
 from __future__ import annotations
@@ -80,6 +82,9 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._last_report: dict[str, float] = {}  # message -> when it was last logged
         self.scans = 0  # completed scans (tests and /metrics read it)
+        # What the last scan found wrong (bucket gone, listing failed), None when it was clean;
+        # /healthz reports it as "degraded" with this reason, and so can the console.
+        self.problem: str | None = None
 
     def __repr__(self) -> str:
         return f"Watcher({self.bucket.url!r}, prefixes={self.prefixes})"
@@ -119,11 +124,20 @@ class Watcher:
         """List the bucket once; start a run for each new, settled object; return their ids."""
         started: list[str] = []
         now = time.time()
+        problems: list[str] = []
+        broken = self.bucket.check()
+        if broken is not None:
+            # Listing a missing folder would return nothing: no runs, and no word of why.
+            self._report(broken)
+            self._set_problem([broken])
+            self.scans += 1
+            return started
         for prefix in self.prefixes:
             try:
                 objects = self.bucket.list(prefix)
             except Exception as exc:
-                self._report(f"cannot list {self.bucket.url} prefix {prefix!r}: {exc}")
+                problems.append(f"cannot list {self.bucket.url} prefix {prefix!r}: {exc}")
+                self._report(problems[-1])
                 continue
             present = {o.key for o in objects}
             for key in [k for k in self._first_seen if k.startswith(prefix) and k not in present]:
@@ -132,8 +146,17 @@ class Watcher:
                 run_id = self._consider(obj, now)
                 if run_id:
                     started.append(run_id)
+        self._set_problem(problems)
         self.scans += 1
         return started
+
+    def _set_problem(self, problems: list[str]) -> None:
+        """Record this scan's problems (for /healthz); log when the watcher recovers."""
+        problem = "; ".join(problems) or None
+        if problem is None and self.problem is not None:
+            log.warning("watcher: the bucket %s is usable again", self.bucket.url)
+            self._last_report.clear()  # a relapse is news: log it at once
+        self.problem = problem
 
     def _consider(self, obj: ObjectInfo, now: float) -> str | None:
         """Start the object's run if it is new and complete; return the run id if started."""
@@ -182,4 +205,5 @@ class Watcher:
         now = time.monotonic()
         if now - self._last_report.get(message, -ERROR_LOG_EVERY_S) >= ERROR_LOG_EVERY_S:
             self._last_report[message] = now
-            log.warning("watcher: %s (retrying every %g s)", message, self.poll_seconds)
+            # ERROR: no new data is picked up until this is fixed.
+            log.error("watcher: %s (retrying every %g s)", message, self.poll_seconds)

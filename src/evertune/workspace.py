@@ -9,13 +9,14 @@ Layout (embedded defaults; each store can move to a real engine through config):
       evertune.yaml
       bucket/                   landing bucket (raw-data/, feedback/)
       .evertune/
-        state.db                jobs, events, metrics, checkpoints, tokens (SQLite)
+        state.db                jobs, events, metrics, checkpoints, tokens, the workspace
+                                lock of `evertune up` (SQLite, mode 0600)
         token                   the admin token for the local CLI (mode 0600)
         models/                 base-model cache (the packaged default converted once)
         datasets/<id>/          content-addressed dataset versions
         jobs/<ftjob-id>/        job folders: checkpoints, logs, the result adapter
         evals/<id>/             evaluation reports
-        mlflow.db, mlartifacts/ the model registry and tracking store
+        mlflow.db, mlartifacts/ the model registry and tracking store (mlflow.db 0600)
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def find_root(start: Path | None = None) -> Path:
     )
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file readable by its owner only: created 0600 (never briefly 0644, as
+    writing first and chmod-ing after would be), and an existing one is narrowed to 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+        f.write(text)
+
+
 @dataclass
 class Workspace:
     root: Path
@@ -92,9 +102,7 @@ class Workspace:
             for prefix in ("raw-data", "feedback"):
                 (ws.root / ws.config.storage.bucket / prefix).mkdir(parents=True, exist_ok=True)
         token = ws.create_token("local-admin", "admin")
-        token_file = ws.state_dir / "token"
-        token_file.write_text(token + "\n", "utf-8")
-        token_file.chmod(0o600)
+        write_private(ws.state_dir / "token", token + "\n")
         return ws, token
 
     # -- paths -------------------------------------------------------------------------
@@ -130,7 +138,13 @@ class Workspace:
 
     @property
     def tracking_uri(self) -> str:
-        return self.config.registry.tracking_uri or f"sqlite:///{self.state_dir / 'mlflow.db'}"
+        if self.config.registry.tracking_uri:
+            return self.config.registry.tracking_uri
+        path = self.state_dir / "mlflow.db"
+        if not path.exists():
+            # Ours to create: 0600 like state.db (MLflow would leave it to the umask, 0644).
+            db.create_private(path, "the MLflow database")
+        return f"sqlite:///{path}"
 
     @property
     def artifact_location(self) -> str:

@@ -2,10 +2,14 @@
 model, a migrated MLflow DB to copy, and registering versions with the real Registry.
 
 Expensive things are built once per test session (functools.cache) and copied or reused:
-- `trained_adapter(tiny)`: a PEFT LoRA of the tiny model trained in-process for a few dozen
-  steps on TICKETS, so its answers are short words (non-empty, not degenerate): system tests
-  pass on it. Training it with the real `steps.finetune` costs a child process (~20 s on the
-  shared CI cores) and tests/training already covers that path.
+- `trained_adapter(tiny)`: a PEFT LoRA of the tiny model trained in-process for 150 steps on
+  TICKETS answered as "the team for this ticket is billing", so its answers are words
+  (non-empty, not degenerate): system tests pass on it. (Trained on the bare team names, the
+  random tiny model's LoRA learns little beyond the end-of-turn token's frequency, and with
+  some library versions its greedy answer is that token: empty. A constant lead-in is
+  learnt in a few dozen steps whatever the versions.) Training it with the real
+  `steps.finetune` costs a child process (~20 s on the shared CI cores) and tests/training
+  already covers that path.
 - `untrained_adapter(tiny)`: the same LoRA saved before any step: the random tiny model
   answers with a run of newlines, which the system tests' output-sanity check rejects.
 - `mlflow_template()`: an MLflow SQLite DB whose schema is migrated (~3 s on a new DB).
@@ -30,6 +34,7 @@ TICKETS = [
     {"input": f"Ticket {i}: please route my {TEAMS[i % 5]} question", "output": TEAMS[i % 5]}
     for i in range(40)
 ]
+ANSWER = "the team for this ticket is {}"  # what trained_adapter learns to answer
 # deploy.system_tests settings that keep a system-test run well under a second.
 FAST_TESTS = {"system_tests": {"max_prompts": 3, "max_new_tokens": 6, "latency_budget_s": 30.0}}
 
@@ -72,7 +77,8 @@ def _train(tiny: Path, steps: int, folder: Path) -> Path:
         load_model(tiny),
         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
-    examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in TICKETS]
+    rows = [{"input": r["input"], "output": ANSWER.format(r["output"])} for r in TICKETS]
+    examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in rows]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
     for step in range(steps):

@@ -179,3 +179,35 @@ def test_answers_users_rated_down_are_rejected_not_trained_on(tmp_path):
                  build_record(served, response_id="chatcmpl-4", rating=-1, correction=None))
     with pytest.raises(DataError, match="line 1: feedback.label: a user rated"):
         validate_file(only)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("x.jsonl", b'[{"text": "a"},\n {"text": "b"}]'),
+        ("x.json", b'[{"text": "a"},\n {"text": "b"}]'),
+        ("x.jsonl", b'{\n  "text": "a"\n}\n'),
+        ("x.jsonl", b'{"text": "caf\xe9"}\n'),
+    ],
+)
+def test_suggested_fix_never_overwrites_the_input(tmp_path, name, content):
+    """Following the hint (`cmd x.jsonl > x.jsonl`) must not empty the user's file: the
+    suggested command writes to a new file, and running it leaves the input as it was."""
+    import re
+    import shutil
+    import subprocess
+
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        validate_file(f)
+    commands = [c for c in re.findall(r"`([^`]*)`", str(err.value)) if ">" in c]
+    assert commands, f"no conversion command in: {err.value}"
+    for command in commands:
+        target = command.rsplit(">", 1)[1].strip()
+        assert target and target != name, f"{command!r} overwrites its input {name}"
+        tool = command.split()[0]
+        if shutil.which(tool):  # run it for real where the tool is installed
+            subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+            assert f.read_bytes() == content
+            assert (tmp_path / target).stat().st_size > 0

@@ -125,7 +125,9 @@ def test_a_correction_becomes_a_chat_training_record(
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["label"] == "corrected"
-    assert re.fullmatch(rf"feedback/\d{{4}}-\d\d-\d\d/{answer['id']}\.jsonl", out["key"])
+    # One object per response and sender: `<id>.<sender>.jsonl` (serving is open here).
+    day = r"feedback/\d{4}-\d\d-\d\d/"
+    assert re.fullmatch(rf"{day}{answer['id']}\.anonymous\.jsonl", out["key"])
     record = read_feedback(ws, out["key"])
     assert detect_format(record) == "chat" and validate_row(record, "chat") == []
     assert record["messages"] == [

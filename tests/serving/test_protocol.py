@@ -46,6 +46,21 @@ def chat(**kw: Any) -> dict[str, Any]:
         (chat(tools=[{"type": "function"}]), "tools"),
         (chat(presence_penalty=0.5), "presence_penalty"),
         (chat(response_format={"type": "json_object"}), "response_format"),
+        # Non-finite numbers: Python's json reads NaN and Infinity literals (and 1e999).
+        (chat(temperature=float("nan")), "temperature"),
+        (chat(temperature=float("inf")), "temperature"),
+        (chat(top_p=float("nan")), "top_p"),
+        (chat(presence_penalty=float("nan")), "presence_penalty"),
+        (chat(seed=2**63), "seed"),  # past int64: torch cannot seed with it
+        (chat(seed=-(2**63) - 1), "seed"),
+        (chat(seed=1e30), "seed"),
+        (chat(model="m\ud800"), "model"),  # a lone surrogate cannot be encoded or tokenized
+        (chat(messages=[{"role": "user", "content": "a\udc00b"}]), "messages[0].content"),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]),
+            "messages[0].content[0].text",
+        ),
+        (chat(stop=["ok", "\ud800"]), "stop"),
     ],
 )
 def test_a_bad_chat_parameter_is_a_400_naming_it(body: dict[str, Any], param: str) -> None:
@@ -101,6 +116,29 @@ def test_a_bad_completion_parameter_is_a_400_naming_it(body: dict[str, Any], par
     assert (info.value.status, info.value.param) == (400, param)
 
 
+def test_sampling_limits_accept_their_edges() -> None:
+    p = parse_chat(chat(seed=2**63 - 1, temperature=1e-300, top_p=1e-300), max_tokens_limit=8)
+    assert (p.seed, p.temperature, p.top_p) == (2**63 - 1, 1e-300, 1e-300)
+    assert parse_chat(chat(seed=-(2**63)), max_tokens_limit=8).seed == -(2**63)
+
+
+def test_a_prompt_over_max_prompt_chars_is_refused_naming_the_setting() -> None:
+    long = [{"role": "system", "content": "a" * 6}, {"role": "user", "content": "b" * 5}]
+    assert parse_chat(chat(messages=long), max_tokens_limit=8, max_prompt_chars=11).messages
+    with pytest.raises(OpenAIError) as info:
+        parse_chat(chat(messages=long), max_tokens_limit=8, max_prompt_chars=10)
+    err = info.value
+    assert (err.status, err.param, err.code) == (400, "messages", "prompt_too_long")
+    assert "serve.max_prompt_chars" in err.message and "10" in err.message
+    many = {"model": "m", "prompt": ["abc", "defg"]}
+    with pytest.raises(OpenAIError) as info:
+        parse_completion(many, max_tokens_limit=8, max_prompt_chars=6)
+    assert (info.value.param, info.value.code) == ("prompt", "prompt_too_long")
+    with pytest.raises(OpenAIError) as info:
+        parse_completion({"model": "m", "prompt": ["ok", "\udfff"]}, max_tokens_limit=8)
+    assert (info.value.param, info.value.code) == ("prompt[1]", "invalid_unicode")
+
+
 def test_completions_take_one_prompt_or_several() -> None:
     one = parse_completion({"model": "m", "prompt": "a"}, max_tokens_limit=1024)
     many = parse_completion({"model": "m", "prompt": ["a", "b"]}, max_tokens_limit=1024)
@@ -109,7 +147,7 @@ def test_completions_take_one_prompt_or_several() -> None:
 
 
 def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
-    for raw in (b"{", b"[1]", b""):
+    for raw in (b"{", b"[1]", b"", b"[" * 50_000 + b"]" * 50_000, b"\xff\xfe{"):
         with pytest.raises(OpenAIError) as info:
             parse_json(raw)
         assert info.value.status == 400 and info.value.code == "invalid_json"
@@ -130,6 +168,11 @@ def test_a_body_that_is_not_a_json_object_is_a_400() -> None:
         ("other", None),
         ("other@prod", None),
         ("assistant-x@prod", None),
+        ("assistant@v2147483647", Target("version", 2**31 - 1)),
+        ("assistant@v2147483648", None),  # past any registry's version column: a 404
+        ("assistant@v99999999999999999999", None),
+        ("assistant@v" + "9" * 5000, None),  # int() would refuse so many digits
+        ("assistant@v\u0663", None),  # ARABIC-INDIC DIGIT THREE: digits are ASCII
     ],
 )
 def test_model_names(raw: str, target: Target | None) -> None:

@@ -10,6 +10,11 @@ dataset), `runs` (start a pipeline run on a stored dataset), `jobs` (cancel / re
 same functions as the CLI), `tokens` (admin). Approving runs the QA system tests before it
 answers, so it takes as long as they do (seconds on a small model); the response is the
 `DeployResult` with the test report.
+
+Limits: a request body declared over `data.max_file_mb` (plus 1 MiB for the form) is refused
+with 413 before it is read, and a dataset upload streams to disk under the same cap (413
+beyond it, nothing kept); `POST /api/runs` answers 429 once `api.max_queued_runs` runs are
+queued or running.
 """
 
 from __future__ import annotations
@@ -20,21 +25,24 @@ import secrets
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, File, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Path, Query, UploadFile
 from pydantic import BaseModel, Field
 
 from evertune import auth, deploy
 from evertune.api import files as file_store
-from evertune.api.errors import ApiError, ErrorRoute
+from evertune.api.errors import ApiError, capped_route
 from evertune.api.security import Auth
 from evertune.auth import Principal
-from evertune.errors import ConfigError, DataError
+from evertune.errors import ConfigError, DataError, NotFoundError
 
 if TYPE_CHECKING:
     from evertune.api.fine_tuning import StartRun
     from evertune.workspace import Workspace
 
 _EVAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_NUMBER_REF = re.compile(r"\s*[vV]?(\d+)\s*")
+MAX_VERSION = 2**31 - 1  # MLflow keeps version numbers in an SQL INTEGER column
+MAX_ID = 2**63 - 1  # SQLite's largest INTEGER: a bigger id cannot even be looked up
 
 
 # -- request / response models -----------------------------------------------------------------
@@ -112,7 +120,8 @@ class DeploymentsOut(deploy.Deployments):
 
 def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRouter:
     """The `/api` routes for `ws` (`start_run`: see `evertune.api.create_router`)."""
-    router = APIRouter(prefix="/api", tags=["control"], route_class=ErrorRoute)
+    router = APIRouter(prefix="/api", tags=["control"],
+                       route_class=capped_route(lambda: file_store.max_upload_bytes(ws)))
     needs = Auth(ws)
     registry = _Lazy(ws)  # one Registry (one MLflow client) for every request of this router
 
@@ -138,6 +147,7 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         from evertune import pipeline, steps
         from evertune.workspace import Workspace
 
+        check_run_capacity(ws)
         try:
             run_ws = Workspace.open(ws.root, [*ws.overrides, *body.overrides])
         except ConfigError as exc:
@@ -159,6 +169,20 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         from evertune import pipeline
 
         return pipeline.get_run(ws, run_id).model_dump(mode="json")
+
+    @router.post("/runs/{run_id}/retry", status_code=201)
+    def retry_run_route(
+        run_id: str, me: Principal = Depends(needs("runs"))  # noqa: B008
+    ) -> dict[str, Any]:
+        """Run a failed run again from its failed step, reusing the steps that succeeded
+        (`evertune runs retry`); answers the new run (id `<run id>-retry<N>`), queued."""
+        from evertune import pipeline
+
+        try:
+            new_id = pipeline.retry_run(ws, run_id, actor=me.name)
+        except pipeline.PipelineError as exc:  # not failed (yet): a conflict, not a fault
+            raise ApiError(409, str(exc), param="run_id", code="run_not_failed") from None
+        return pipeline.get_run(ws, new_id).model_dump(mode="json")
 
     # -- jobs ----------------------------------------------------------------------------
     @router.get("/jobs")
@@ -239,20 +263,26 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         Unlike `POST /v1/files`, bad rows do not refuse the file: they are counted and kept in
         the version's rejected.jsonl, as a bucket drop would be (`evertune data add`).
         """
+        import shutil
+
         from evertune import steps
 
         # A folder per upload: two uploads of the same file name never overwrite each other.
         folder = ws.state_dir / file_store.FILES_DIR / "datasets" / secrets.token_hex(8)
         folder.mkdir(parents=True)
         path = folder / file_store.safe_filename(file.filename)
-        with path.open("wb") as out:
-            while chunk := file.file.read(1 << 20):
-                out.write(chunk)
         try:
+            # The same cap as POST /v1/files, checked while streaming (413 past it).
+            file_store.copy_capped(file.file, path, ws.config.data.max_file_mb, path.name)
             added = steps.preprocess(ws, [path])
         except DataError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
             raise ApiError(400, str(exc).replace(str(path), path.name), param="file",
                            code="invalid_file") from None
+        except BaseException:
+            # A refused or failed upload leaves nothing behind (a 51 MB refusal stayed before).
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return {"versions": [_dataset(v) for v in added.versions], "report": added.report,
                 "rejected": added.rejected}
 
@@ -264,7 +294,7 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
     @router.get("/models/{version}")
     def get_model(version: str, _: Principal = Depends(needs("read"))) -> dict[str, Any]:  # noqa: B008
         reg = registry()
-        mv = reg.resolve(version)
+        mv = reg.resolve(version_ref(version))
         return {**mv.to_dict(), "audit": [_audit(r) for r in reg.audit_log(mv.version)]}
 
     @router.post("/models/{version}/approve", response_model=deploy.DeployResult)
@@ -272,13 +302,24 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         version: str, body: ApproveRequest, me: Principal = Depends(needs("approve"))  # noqa: B008
     ) -> deploy.DeployResult:
         """Approve → QA → system tests → PROD (deploy.auto_promote) or rejected."""
-        return deploy.approve(ws, version, me, body.comment, force=body.force)
+        return deploy.approve(ws, version_ref(version), me, body.comment, force=body.force)
+
+    @router.post("/models/{version}/retry", response_model=deploy.DeployResult)
+    def retry_qa(
+        version: str,
+        body: Comment | None = None,
+        me: Principal = Depends(needs("approve")),  # noqa: B008
+    ) -> deploy.DeployResult:
+        """Rerun the QA system tests of an approved version whose last attempt failed because
+        of the environment (`evertune approve N --retry`); the comment is optional."""
+        return deploy.approve(ws, version_ref(version), me, body.comment if body else "",
+                              retry=True)
 
     @router.post("/models/{version}/reject", response_model=deploy.DeployResult)
     def reject(
         version: str, body: Comment, me: Principal = Depends(needs("reject"))  # noqa: B008
     ) -> deploy.DeployResult:
-        return deploy.reject(ws, version, me, body.comment)
+        return deploy.reject(ws, version_ref(version), me, body.comment)
 
     @router.post("/models/{version}/promote", response_model=deploy.DeployResult)
     def promote(
@@ -286,7 +327,7 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         body: Comment | None = None,
         me: Principal = Depends(needs("promote")),  # noqa: B008
     ) -> deploy.DeployResult:
-        return deploy.promote(ws, version, me, body.comment if body else "")
+        return deploy.promote(ws, version_ref(version), me, body.comment if body else "")
 
     # -- deployments and audit -----------------------------------------------------------
     @router.get("/deployments", response_model=DeploymentsOut)
@@ -305,7 +346,8 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
     ) -> deploy.DeployResult:
         if body is None:
             return deploy.rollback(ws, me)
-        return deploy.rollback(ws, me, body.comment, to=body.to)
+        to = version_ref(body.to, param="to") if body.to is not None else None
+        return deploy.rollback(ws, me, body.comment, to=to)
 
     @router.get("/audit", response_model=list[AuditOut])
     def audit(
@@ -313,7 +355,8 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         limit: int = Query(100, ge=1, le=10_000),
         _: Principal = Depends(needs("read")),  # noqa: B008
     ) -> list[AuditOut]:
-        return [AuditOut(**_audit(r)) for r in registry().audit_log(version, limit=limit)]
+        ref = version_ref(version, param="version") if version is not None else None
+        return [AuditOut(**_audit(r)) for r in registry().audit_log(ref, limit=limit)]
 
     @router.get("/evals/{eval_id}")
     def get_eval(eval_id: str, _: Principal = Depends(needs("read"))) -> dict[str, Any]:  # noqa: B008
@@ -340,7 +383,8 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
 
     @router.post("/tokens/{token_id}/revoke", response_model=TokenOut)
     def revoke_token(
-        token_id: int, me: Principal = Depends(needs("tokens"))  # noqa: B008
+        token_id: int = Path(..., ge=1, le=MAX_ID),  # noqa: B008
+        me: Principal = Depends(needs("tokens")),  # noqa: B008
     ) -> TokenOut:
         return TokenOut(**asdict(auth.revoke_token(ws, token_id, me)))
 
@@ -348,6 +392,47 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def version_ref(ref: str, param: str = "version") -> str:
+    """`ref` unchanged, or NotFoundError for a version number no registry can hold.
+
+    "v99999999999" would reach MLflow's SQL lookup as an integer too large for its column and
+    fail there as a server error; no such version can exist, so it is simply not found.
+    """
+    m = _NUMBER_REF.fullmatch(ref)
+    if m and (len(m.group(1)) > 10 or int(m.group(1)) > MAX_VERSION):
+        raise NotFoundError(f"{param}: no model version {ref[:40]!r}; version numbers are "
+                            f"1 to {MAX_VERSION} (`GET /api/models` lists them)")
+    return ref
+
+
+def count_active_runs(ws: Workspace) -> int:
+    """Pipeline runs of the workspace that are queued or running."""
+    from sqlalchemy import func, select
+
+    from evertune import pipeline
+
+    t = pipeline.pipeline_runs
+    # pipeline._engine creates the runs table on first use (a fresh workspace has none yet).
+    with pipeline._engine(ws).connect() as conn:
+        return int(conn.execute(
+            select(func.count()).select_from(t).where(t.c.status.in_(("queued", "running")))
+        ).scalar_one())
+
+
+def check_run_capacity(ws: Workspace) -> None:
+    """ApiError 429 when `api.max_queued_runs` runs are already queued or running."""
+    limit = ws.config.api.max_queued_runs
+    active = count_active_runs(ws)
+    if active >= limit:
+        raise ApiError(
+            429,
+            f"{active} pipeline runs are already queued or running, the limit "
+            f"(api.max_queued_runs={limit}); wait for some to finish (GET /api/runs), or raise "
+            "api.max_queued_runs in evertune.yaml",
+            code="too_many_queued_runs", type="rate_limit_error",
+        )
+
+
 class _Lazy:
     """The workspace Registry, made on first use (importing MLflow takes seconds)."""
 

@@ -72,9 +72,8 @@ def store_upload(
     folder = ws.state_dir / FILES_DIR / file_id
     folder.mkdir(parents=True)
     path = folder / name
-    limit = int(ws.config.data.max_file_mb * 1024 * 1024)
     try:
-        size = _copy(stream, path, limit, name)
+        size = copy_capped(stream, path, ws.config.data.max_file_mb, name)
         fmt, rows = _validate(ws, path, name)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -85,13 +84,25 @@ def store_upload(
     return obj
 
 
-def _copy(stream: IO[bytes], path: Path, limit: int, name: str) -> int:
+# Room for the multipart framing and the other form fields around an uploaded file.
+FORM_SLACK_BYTES = 1 << 20
+
+
+def max_upload_bytes(ws: Workspace) -> int:
+    """The largest upload request the API reads: the file cap plus the form around it."""
+    return int(ws.config.data.max_file_mb * 1024 * 1024) + FORM_SLACK_BYTES
+
+
+def copy_capped(stream: IO[bytes], path: Path, max_mb: float, name: str) -> int:
+    """Stream an upload to `path`, refusing it (ApiError 413) once it passes `max_mb`, or 400
+    when it is empty; the caller removes `path` on a refusal. Returns the size in bytes."""
+    limit = int(max_mb * 1024 * 1024)
     size = 0
     with path.open("wb") as out:
         while chunk := stream.read(_CHUNK):
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, f"{name} is over data.max_file_mb={limit / 2**20:g} MB; split "
+                raise ApiError(413, f"{name} is over data.max_file_mb={max_mb:g} MB; split "
                                "it into several files", param="file", code="file_too_large")
             out.write(chunk)
     if size == 0:

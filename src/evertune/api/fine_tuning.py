@@ -27,13 +27,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evertune.api import files as file_store
-from evertune.api.errors import ApiError, ErrorRoute
+from evertune.api.control import check_run_capacity, version_ref
+from evertune.api.errors import ApiError, ErrorResponse, capped_route
 from evertune.api.security import Auth
 from evertune.auth import Principal
 from evertune.errors import ConfigError, DataError, EvertuneError
@@ -52,9 +53,11 @@ class Hyperparameters(BaseModel):
     # A misspelt hyperparameter must not be silently ignored: refuse unknown keys.
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Literal["auto"] | None = Field(None, ge=1, le=1000)
-    batch_size: int | Literal["auto"] | None = Field(None, ge=1, le=4096)
-    learning_rate_multiplier: float | Literal["auto"] | None = Field(None, gt=0, le=100)
+    # The bounds sit on the number alone: on the whole union Pydantic would also compare
+    # "auto" with them (a TypeError, a 500 for OpenAI's documented default).
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] | None = None
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
 
 
 class Method(BaseModel):
@@ -76,7 +79,7 @@ class CreateJobRequest(BaseModel):
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
     suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)  # numpy's seed range
     validation_file: str | None = None
     metadata: dict[str, str] | None = None
 
@@ -97,7 +100,8 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
     `start_run` queues the pipeline run (default: `evertune.pipeline.start_run`, imported on
     first use so this module stays light); tests pass a recorder.
     """
-    router = APIRouter(prefix="/v1", tags=["openai fine-tuning"], route_class=ErrorRoute)
+    router = APIRouter(prefix="/v1", tags=["openai fine-tuning"],
+                       route_class=capped_route(lambda: file_store.max_upload_bytes(ws)))
     needs = Auth(ws)
 
     def _start(trigger: dict[str, Any]) -> str:
@@ -131,7 +135,11 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
         return file_store.get_file(ws, file_id)
 
     # -- jobs ----------------------------------------------------------------------------
-    @router.post("/fine_tuning/jobs")
+    @router.post(
+        "/fine_tuning/jobs",
+        responses={503: {"model": ErrorResponse,
+                         "description": "The job was created but its run could not be queued"}},
+    )
     def create_job(
         body: CreateJobRequest,
         idempotency_key: str | None = Header(None),
@@ -146,8 +154,8 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
             raise ApiError(400, "validation_file is not supported: Evertune splits the training "
                            "file into train/validation/test by content hash (data.split); "
                            "leave it out", param="validation_file", code="unsupported")
+        overrides = _overrides(ws, body)  # the request's own shape first, then what it names
         path = _training_file(ws, body.training_file)
-        overrides = _overrides(ws, body)
         parent = _parent(ws, body.model)
         try:
             job_ws = Workspace.open(ws.root, [*ws.overrides, *overrides]) if overrides else ws
@@ -160,6 +168,8 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
             run_id = "run-api-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
         else:
             run_id = "run-api-" + secrets.token_hex(8)
+        if not idempotency_key or not _run_exists(ws, run_id):  # a retry is never refused
+            check_run_capacity(ws)
         try:
             added = steps.preprocess(job_ws, [path])
         except DataError as exc:
@@ -276,7 +286,16 @@ def _overrides(ws: Workspace, body: CreateJobRequest) -> list[str]:
         else:
             block = (body.method.model_extra or {}).get(body.method.type) or {}
         nested = block.get("hyperparameters") or {} if isinstance(block, dict) else {}
-        hp.update(Hyperparameters.model_validate(nested).model_dump(exclude_none=True))
+        try:
+            hp.update(Hyperparameters.model_validate(nested).model_dump(exclude_none=True))
+        except ValidationError as exc:
+            where = f"method.{body.method.type}.hyperparameters"
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ApiError(400, f"{where}: {problems}", param=where,
+                           code="invalid_hyperparameters") from None
     if body.hyperparameters is not None:
         hp.update(body.hyperparameters.model_dump(exclude_none=True))
     out: list[str] = []
@@ -294,6 +313,12 @@ def _overrides(ws: Workspace, body: CreateJobRequest) -> list[str]:
     return out
 
 
+def _run_exists(ws: Workspace, run_id: str) -> bool:
+    from evertune import pipeline
+
+    return pipeline.find_run(ws, run_id) is not None
+
+
 def _parent(ws: Workspace, model: str | None) -> str | None:
     """The registered version a job continues from, per the request's `model`."""
     name, base = ws.config.model.name, ws.config.model.base
@@ -305,7 +330,7 @@ def _parent(ws: Workspace, model: str | None) -> str | None:
 
         ref = model.split("@", 1)[1]
         try:
-            return str(Registry(ws).resolve(ref).version)
+            return str(Registry(ws).resolve(version_ref(ref, param="model")).version)
         except EvertuneError as exc:
             raise ApiError(400, f"model {model!r}: {exc}", param="model",
                            code="model_not_found") from None
@@ -339,6 +364,12 @@ def _job_out(ws: Workspace, job: Job, versions: dict[str, int] | None = None) ->
     """The OpenAI job object; `fine_tuned_model` is the serving name once registered."""
     out = job.to_openai()
     out["fine_tuned_model"] = None
+    # "auto" resolved: the multiplier that gave the job's learning rate (the record keeps only
+    # the rate), against the workspace's configured rate.
+    rate = job.hyperparameters.get("learning_rate")
+    if isinstance(rate, (int, float)):
+        out["hyperparameters"]["learning_rate_multiplier"] = float(
+            f"{rate / ws.config.train.learning_rate:.6g}")
     if job.status == "succeeded":
         if versions is None:
             from evertune.registry import Registry

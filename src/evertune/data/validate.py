@@ -13,7 +13,9 @@ The file's format is the format of its first valid row; rows of another format a
 (`wrong_format`), so one bad export cannot silently mix SFT and DPO data. Blank lines are
 skipped. Feedback records of answers users rated down (`feedback.label: negative`, written by
 serving's /v1/feedback) are rejected as `negative_feedback`: they are kept for review, never
-trained on. A `.txt` file is the text format, one record per blank-line-separated paragraph.
+trained on; so are feedback records about responses the server did not produce
+(`feedback.verified: false`, `unverified_feedback`) unless the feedback fold vouched for them.
+A `.txt` file is the text format, one record per blank-line-separated paragraph.
 
 With a tokenizer, each record is measured as it will be trained (chat template + EOS);
 longer than `max_seq_len` is rejected (`too_long`) or, with `overlong="truncate"`, kept and
@@ -99,6 +101,14 @@ def _rated_down(row: dict[str, Any]) -> bool:
     return isinstance(meta, dict) and meta.get("label") == "negative"
 
 
+def _unverified(row: dict[str, Any]) -> bool:
+    """A feedback record about a response the server could not show it produced (a made-up
+    id, text the client sent), that nobody vouched for: kept for review, never trained on.
+    The feedback fold marks them `trusted` where `data.trust_unverified_feedback` is true."""
+    meta = row.get("feedback")
+    return isinstance(meta, dict) and meta.get("verified") is False and not meta.get("trusted")
+
+
 def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")  # -sig: tolerate the BOM some editors write
@@ -106,9 +116,21 @@ def _decode(path: Path, data: bytes) -> str:
         line = data[: exc.start].count(b"\n") + 1
         raise DataError(
             f"{path} is not UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start} "
-            f"(line {line}) cannot be decoded; re-save the file as UTF-8 "
-            "(e.g. `iconv -f latin1 -t utf-8`)"
+            f"(line {line}) cannot be decoded; re-save it as UTF-8 in a new file (e.g. "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {_utf8_name(path)}`) and add that file"
         ) from None
+
+
+def _utf8_name(path: Path) -> str:
+    """Where a re-encoded copy of `path` goes (never `path` itself: `>` truncates first)."""
+    return f"{path.stem}.utf8{path.suffix}"
+
+
+def _converted_name(path: Path) -> str:
+    """A file name for converted output that is never the input's own name."""
+    if path.suffix.lower() != ".jsonl":
+        return f"{path.stem}.jsonl"
+    return f"{path.stem}.lines.jsonl"
 
 
 def _preview(text: str) -> str:
@@ -163,12 +185,17 @@ def _read_rows(
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None
+        # The suggested commands write to a NEW file: `jq … x.jsonl > x.jsonl` would truncate
+        # the input before jq reads it, emptying the user's file.
+        out = _converted_name(path)
         if isinstance(whole, list):
             raise DataError(f"{path} is a JSON array, not JSON Lines (one JSON object per "
-                            f"line); convert it with `jq -c '.[]' {name} > {path.stem}.jsonl`")
+                            f"line); convert it into a new file with "
+                            f"`jq -c '.[]' {name} > {out}` and add {out}")
         if isinstance(whole, dict):
             raise DataError(f"{path} is one multi-line JSON object, not JSON Lines (one JSON "
-                            f"object per line); put each record on its own line (`jq -c . {name}`)")
+                            f"object per line); put each record on its own line in a new file "
+                            f"(`jq -c . {name} > {out}`) and add {out}")
         if not parsed_any and any(r.code == "invalid_json" for r in rejects):
             first_bad = rejects[0] if rejects else None
             detail = f" (line {first_bad.line}: {first_bad.reason})" if first_bad else ""
@@ -255,6 +282,12 @@ def validate_file(
                                   "a user rated this served answer down and gave no correction, "
                                   "so it is not trained on; post a `correction` to /v1/feedback "
                                   "to make it a training example", row))
+            continue
+        if _unverified(row):
+            rejects.append(Reject(name, line, "feedback.verified", "unverified_feedback",
+                                  "feedback about a response this server did not produce (or "
+                                  "could not find) is not trained on; set "
+                                  "data.trust_unverified_feedback: true to train on it", row))
             continue
         record = clean_record(row, fmt)
         if tokenizer is not None:

@@ -350,12 +350,14 @@ def _split_report(
 def _base_of(ws: Workspace, ref: ModelRef) -> Path:
     """The base folder `ref` was trained on: from its facts when Evertune trained it, else
     (a folder from elsewhere) the configured base."""
-    from evertune.facts import RESULT_META, read_facts, version_base
-    from evertune.models import resolve_base_model
+    from evertune.facts import folder_base
 
-    if ref.adapter is not None and (ref.adapter / RESULT_META).is_file():
-        return version_base(read_facts(ref.adapter), ws.models_dir, what=f"model {ref.label!r}")
-    return resolve_base_model(ws.config.model.base, ws.models_dir)
+    if ref.adapter is None:
+        from evertune.models import resolve_base_model
+
+        return resolve_base_model(ws.config.model.base, ws.models_dir)
+    return folder_base(ref.adapter, ws.models_dir, ws.config.model.base,
+                       what=f"model {ref.label!r}")
 
 
 def _release_memory() -> None:

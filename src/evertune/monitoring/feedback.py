@@ -1,32 +1,51 @@
 """Feedback capture: a rating or a correction of a served answer becomes training data.
 
     POST /v1/feedback {"id": "chatcmpl-…", "rating": -1, "correction": "The right answer"}
-    # → bucket object feedback/2026-11-22/chatcmpl-….jsonl, one JSON line:
+    # → bucket object feedback/2026-11-22/chatcmpl-….my-app.jsonl, one JSON line:
     #   {"messages": [{"role": "user", …}, {"role": "assistant", "content": "The right answer"}],
-    #    "feedback": {"label": "corrected", "rating": -1, "version": "v3", …}}
+    #    "feedback": {"label": "corrected", "rating": -1, "version": "v3", "verified": true,
+    #                 "sender": "my-app", …}}
 
 The record is in a format `evertune.data` accepts (`chat` for chat completions,
 `prompt_completion` for completions), so the next round can train on it: a correction
 replaces the answer; a rating alone keeps the served answer and labels it (`positive`,
 `negative`, `neutral`) under the `feedback` key, which the data layer reads only to reject
-answers rated down (below). One object per response id: rating the same answer again the same day
-replaces the earlier record.
+answers rated down (below). One object per response id and sender
+(`feedback/<UTC day>/<response id>.<sender>.jsonl`): the same sender rating the same answer
+again the same day replaces its own earlier record (the user changed their mind), while
+feedback from anyone else is a separate object and never overwrites it.
+
+Feedback is a path into the training data, so it is only trusted for responses this server
+produced: the gateway looks the id up (its memory of recent responses, the state DB's
+`served_responses`, the request log) and the record holds THAT prompt and answer
+(`verified: true`), whatever prompt or answer the client sent. Feedback on a response it
+cannot find is still stored, with the client's text and `verified: false`, for review; it is
+trained on only where the workspace opts in (`data.trust_unverified_feedback: true`). Every
+record names its `sender`: the serving key's name, or "anonymous" while serving is open.
+
+A response id is bound to the caller who received it (`receiver`, recorded with the response):
+feedback is `verified` only when its sender is that same serving key, or, while serving is open
+(no serving key exists), when both are "anonymous". Feedback from another key on someone
+else's response (a leaked or guessed id) is stored unverified, with a `reason`, and so is
+feedback on a response whose receiver was not recorded; the gateway tells the sender why.
 
 Feedback feeds the next round: with `data.mode: cumulative` and `data.include_feedback: true`
-(the defaults) every round folds all feedback objects into its training data
+(the defaults) every round folds the trainable feedback objects into its training data
 (`collect_feedback` → `evertune.steps.training_data`), and the data layer rejects the
-answers users rated down (`negative_feedback`) instead of training on them. Whether feedback
-also starts a round by itself is the trigger's decision (`trigger.feedback_starts_runs`).
+answers users rated down (`negative_feedback`) and unverified records nobody vouched for
+(`unverified_feedback`) instead of training on them. Whether feedback also starts a round by
+itself is the trigger's decision (`trigger.feedback_starts_runs`).
 
-The prompt comes from the request the gateway remembers (recent responses in memory, older
-ones from the request log) or from the body (`messages` or `prompt`, plus `completion`),
-always redacted like the request log.
+All text is redacted like the request log before it is written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -35,8 +54,70 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from evertune.workspace import Workspace
 
+log = logging.getLogger(__name__)
+
 FEEDBACK_PREFIX = "feedback/"
+ANONYMOUS = "anonymous"  # the sender while no serving key exists
+TRUSTED_BY_CONFIG = "data.trust_unverified_feedback"  # `feedback.trusted` of vouched-for records
 _ROLE_MAP = {"developer": "system"}  # OpenAI's newer name for the system role
+# Response ids name bucket objects: letters, digits, `_` and `-` only (no `/`, no `..`).
+RESPONSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+# How an unverified record is treated, for the reasons the sender is told.
+UNTRAINED = (
+    "it is stored for review and not trained on unless data.trust_unverified_feedback is true"
+)
+_SAFE_SENDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def check_response_id(response_id: str) -> str:
+    """`response_id` if it may name a feedback object; ValueError naming the rule otherwise."""
+    if not RESPONSE_ID.fullmatch(response_id):
+        raise ValueError(
+            f"response id {response_id[:80]!r} is not valid: use the `id` of a response "
+            "(chatcmpl-… or cmpl-…): letters, digits, '_' and '-', at most 128 characters"
+        )
+    return response_id
+
+
+def sender_slug(sender: str) -> str:
+    """`sender` as part of an object key: as is when it is letters, digits, `_` and `-` (at most
+    64), else a sanitised prefix plus a hash of the whole name, so two different key names
+    never share an object (no dots, no slashes: the key stays one `<id>.<sender>.jsonl`)."""
+    if _SAFE_SENDER.fullmatch(sender):
+        return sender
+    stem = _UNSAFE_CHARS.sub("_", sender).strip("_-")[:40] or "key"
+    return f"{stem}-h{hashlib.sha256(sender.encode('utf-8')).hexdigest()[:12]}"
+
+
+def receiver_problem(
+    response_id: str, sender: str, receiver: str | None, serving_open: bool
+) -> str | None:
+    """Why feedback from `sender` on a response that `receiver` got is not trusted, or None.
+
+    Trusted only from the caller who received the response: the same serving key, or, while
+    serving is open (`serving_open`: no serving key exists), "anonymous" on an anonymous
+    response. The reason is returned to the sender, so it never names the receiver."""
+    untrained = UNTRAINED
+    if receiver is None:
+        return (
+            f"who received response {response_id!r} was not recorded (it was served before "
+            f"this server recorded recipients), so feedback on it cannot be checked: {untrained}"
+        )
+    if receiver != sender:
+        return (
+            f"response {response_id!r} was served to another caller, not to {sender!r}: "
+            f"feedback is only trusted from the serving key that received the response; "
+            f"{untrained}"
+        )
+    if sender == ANONYMOUS and not serving_open:
+        # A serving key named "anonymous" cannot be told apart from open serving's callers.
+        return (
+            f"response {response_id!r} went to an anonymous caller (or to a serving key named "
+            f"{ANONYMOUS!r}; rename that key) and serving now needs keys, so this feedback "
+            f"cannot be tied to who received it: {untrained}"
+        )
+    return None
 
 
 def label_for(rating: float | None, corrected: bool) -> str:
@@ -56,16 +137,29 @@ def build_record(
     correction: str | None,
     comment: str | None = None,
     index: int = 0,
+    verified: bool = True,
+    sender: str = ANONYMOUS,
+    receiver: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
     """The accepted-format record for feedback on one served answer.
 
     `source`: {"endpoint": "chat" | "completions", "prompt": messages | str | [str, …],
     "completion": str | [str, …], "version": "v3", "model": "assistant@prod"} — what was asked
     and answered; `index` picks the choice of a request that had several prompts.
+    `verified`: whether `source` is what this server served (the caller checked it); only
+    verified records are trained on by default. `sender`: who sent the feedback;
+    `receiver`: who received the response, where known; `reason`: why it is not verified.
     """
     completion = source.get("completion")
     if isinstance(completion, list):
-        completion = completion[index] if index < len(completion) else None
+        if not 0 <= index < len(completion):
+            raise ValueError(
+                f"'index' {index} is out of range: the response has {len(completion)} choice(s)"
+            )
+        completion = completion[index]
+    elif index != 0:
+        raise ValueError(f"'index' {index} is out of range: the response has 1 choice (index 0)")
     answer = correction if correction is not None else completion
     if not isinstance(answer, str):
         raise ValueError("the served answer is unknown: send `completion` or a `correction`")
@@ -77,7 +171,13 @@ def build_record(
         "version": source.get("version"),
         "model": source.get("model"),
         "created_at": time.time(),
+        "verified": verified,
+        "sender": sender,
     }
+    if receiver is not None:
+        meta["receiver"] = receiver  # for review; never sent back to the sender
+    if reason is not None and not verified:
+        meta["reason"] = reason
     if correction is not None and isinstance(completion, str):
         meta["original"] = completion  # what the model said, for review and preference pairs
     if comment:
@@ -98,41 +198,91 @@ def build_record(
     return {"prompt": prompt, "completion": answer, "feedback": meta}
 
 
-def feedback_key(response_id: str, when: float | None = None) -> str:
-    """`feedback/<UTC date>/<response id>.jsonl`."""
+def feedback_key(response_id: str, when: float | None = None, sender: str = ANONYMOUS) -> str:
+    """`feedback/<UTC date>/<response id>.<sender>.jsonl` (ValueError for an id that cannot
+    name one). The sender is part of the key so one caller's feedback never replaces
+    another's; the same sender's repeat on the same day replaces its own."""
+    check_response_id(response_id)
     day = dt.datetime.fromtimestamp(when or time.time(), tz=dt.UTC).date().isoformat()
-    return f"{FEEDBACK_PREFIX}{day}/{response_id}.jsonl"
+    return f"{FEEDBACK_PREFIX}{day}/{response_id}.{sender_slug(sender)}.jsonl"
 
 
 def write_feedback(ws: Workspace, record: dict[str, Any], response_id: str) -> str:
     """Write `record` as one JSON line to the workspace bucket; return the object key.
 
-    Through `evertune.bucket.Bucket`, so the key is validated and a local write is atomic
-    (the bucket watcher never sees half an object)."""
+    The key names the record's `feedback.sender` (`feedback_key`). Through
+    `evertune.bucket.Bucket`, so the key is validated and a local write is atomic (the bucket
+    watcher never sees half an object)."""
     from evertune.bucket import Bucket
 
-    key = feedback_key(response_id)
+    meta = record.get("feedback")
+    sender = meta.get("sender") if isinstance(meta, dict) else None
+    key = feedback_key(response_id, sender=sender if isinstance(sender, str) else ANONYMOUS)
     data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     Bucket.for_workspace(ws).write_bytes(key, data)
     return key
 
 
-def collect_feedback(ws: Workspace, dest: Path) -> int:
-    """Concatenate every feedback object of the workspace bucket into one JSON Lines file.
+def trainable(line: bytes, trust_unverified: bool) -> bool:
+    """Whether one feedback object line may go to training: verified by the server that
+    stored it, or any record where the workspace trusts unverified feedback."""
+    if trust_unverified:
+        return True
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    meta = record.get("feedback") if isinstance(record, dict) else None
+    return isinstance(meta, dict) and meta.get("verified") is True
 
-    Objects are read in key order, so the same feedback always makes the same file (and so the
-    same content-addressed dataset version). Returns how many objects were read; with none,
-    `dest` is not written.
+
+def _vouch(line: bytes) -> bytes:
+    """`line` with `feedback.trusted` set, so the data layer accepts it though unverified."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line  # not JSON: the data layer reports it
+    meta = record.get("feedback") if isinstance(record, dict) else None
+    if not isinstance(meta, dict) or meta.get("verified") is not False:
+        return line
+    meta["trusted"] = TRUSTED_BY_CONFIG
+    return json.dumps(record, ensure_ascii=False).encode("utf-8")
+
+
+def collect_feedback(ws: Workspace, dest: Path, trust_unverified: bool | None = None) -> int:
+    """Concatenate the trainable feedback objects of the workspace bucket into one JSON Lines
+    file.
+
+    Trainable: verified records (feedback on responses this server produced); unverified
+    ones too, marked `trusted`, when `trust_unverified` (default:
+    `data.trust_unverified_feedback`). Objects are read in key order, so the same feedback
+    always makes the same file (and so the same content-addressed dataset version). Returns
+    how many objects went into `dest`; with none, `dest` is not written.
     """
     from evertune.bucket import Bucket
 
+    if trust_unverified is None:
+        trust_unverified = ws.config.data.trust_unverified_feedback
     bucket = Bucket.for_workspace(ws)
     objects = [o for o in bucket.list(FEEDBACK_PREFIX) if o.key.endswith(".jsonl")]
-    if not objects:
+    chunks: list[bytes] = []
+    skipped = 0
+    for obj in objects:
+        lines = [ln for ln in bucket.read_bytes(obj.key).splitlines() if ln.strip()]
+        kept = [ln for ln in lines if trainable(ln, trust_unverified)]
+        if len(kept) < len(lines):
+            skipped += 1
+        if kept:
+            chunks.append(b"".join((_vouch(ln) if trust_unverified else ln) + b"\n" for ln in kept))
+    if skipped:
+        log.info(
+            "%d feedback object(s) are about responses this server did not produce (or cannot "
+            "find) and are not trained on; set data.trust_unverified_feedback: true to train "
+            "on them",
+            skipped,
+        )
+    if not chunks:
         return 0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with dest.open("wb") as out:
-        for obj in objects:
-            data = bucket.read_bytes(obj.key)
-            out.write(data if data.endswith(b"\n") else data + b"\n")
-    return len(objects)
+    dest.write_bytes(b"".join(chunks))
+    return len(chunks)

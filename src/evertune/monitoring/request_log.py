@@ -5,14 +5,27 @@
         print(r.created_at, r.version, r.prompt_tokens, r.completion_tokens, r.completion)
 
 The gateway writes one row per answered request, for a share `serve.request_log_sample` of
-requests (1.0 = all), after the redactors ran (e-mail addresses and phone numbers by
-default, see `evertune.monitoring.redact`). Rows are written by a background thread in small
-batches, so a slow or locked state DB never adds latency to a request; `RequestLog.flush()`
-waits for the queue to drain (tests, shutdown).
+requests (1.0 = all), after the redactors ran (secrets, card numbers, e-mail addresses and
+phone numbers by default, see `evertune.monitoring.redact`): nothing unredacted is queued,
+let alone written. With `serve.log_prompts: false` no prompt or completion text is stored.
+
+Separately, every answered response — sampled or not — goes to `served_responses`, the
+newest `serve.responses_kept` of them: what /v1/feedback checks a response id against, so
+feedback trains on what this server really answered (`get_served`), never on text a client
+claims it was answered. Its text is redacted like the log's; with `log_prompts: false` only a
+digest of it is kept (`response_digest`), which a client's copy of the text must match. Both
+tables name the `receiver` of each response (the serving key that asked, "anonymous" while
+serving is open), so feedback is trusted only from the caller who got the answer. A state DB
+made before that column existed gets it added (nullable: older rows have no receiver).
+
+Rows are written by a background thread in small batches, so a slow or locked state DB never
+adds latency to a request; `RequestLog.flush()` waits for the queue to drain (tests, shutdown).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import random
@@ -22,7 +35,22 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import JSON, Column, Engine, Float, Index, Integer, String, Table, Text, select
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    String,
+    Table,
+    Text,
+    delete,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.exc import OperationalError
 
 from evertune import db
 from evertune.monitoring.redact import DEFAULT_REDACTORS, Redactor, redact
@@ -51,11 +79,28 @@ request_log = Table(
     Column("duration_s", Float),
     Column("params", JSON),  # temperature, top_p, max_tokens, stop, seed, stream
     Column("error", Text),
+    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
     Index("ix_request_log_created_at", "created_at"),
 )
 """Served requests (a sample), redacted; defined here against `evertune.db.metadata`."""
 
-_READY: set[str] = set()  # state DB URLs whose request_log table is known to exist
+served_responses = Table(
+    "served_responses",
+    db.metadata,
+    Column("id", String(64), primary_key=True),  # the response id: chatcmpl-… / cmpl-…
+    Column("created_at", Float, nullable=False),  # unix seconds, when the answer was complete
+    Column("endpoint", String(32), nullable=False),  # chat | completions
+    Column("model", String(160), nullable=False),  # the name the client asked for
+    Column("version", String(32), nullable=False),  # who answered: v3 | base
+    Column("prompt", JSON),  # redacted like the request log; null with serve.log_prompts: false
+    Column("completion", JSON),
+    Column("digest", String(64), nullable=False),  # response_digest(prompt, completion)
+    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
+    Index("ix_served_responses_created_at", "created_at"),
+)
+"""Every answered response (the newest `serve.responses_kept`): what feedback may train on."""
+
+_READY: set[str] = set()  # state DB URLs whose tables are known to exist
 _READY_LOCK = threading.Lock()
 
 
@@ -64,8 +109,72 @@ def _ensure_table(engine: Engine) -> None:
     url = str(engine.url)
     with _READY_LOCK:
         if url not in _READY:
-            request_log.create(engine, checkfirst=True)
+            for table in (request_log, served_responses):
+                table.create(engine, checkfirst=True)
+                _add_missing_columns(engine, table)
             _READY.add(url)
+
+
+def _add_missing_columns(engine: Engine, table: Table) -> None:
+    """Add the nullable columns of `table` that an older state DB lacks (`receiver`).
+
+    `create(checkfirst=True)` leaves an existing table as it is, and selecting a column it
+    lacks would fail every read. Only nullable columns are added (older rows get NULL), so
+    this never rewrites or drops data."""
+    have = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in have or not column.nullable:
+            continue
+        prep = engine.dialect.identifier_preparer
+        ddl = (
+            f"ALTER TABLE {prep.quote(table.name)} ADD COLUMN {prep.quote(column.name)} "
+            f"{column.type.compile(dialect=engine.dialect)}"
+        )
+        try:
+            with engine.begin() as conn:
+                conn.execute(text(ddl))
+        except OperationalError:
+            # Another process added it first ("duplicate column"): fine if it is there now.
+            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                raise
+
+
+def response_digest(prompt: Any, completion: Any) -> str:
+    """sha256 of a (redacted) prompt and completion, canonically serialised.
+
+    Lets feedback check that text a client sends is what was served, where the text itself
+    was not stored (`serve.log_prompts: false`)."""
+    canon = json.dumps([prompt, completion], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ServedResponse:
+    """One answered response as `served_responses` keeps it."""
+
+    id: str
+    created_at: float
+    endpoint: str
+    model: str
+    version: str
+    prompt: Any  # None when prompts are not stored
+    completion: Any
+    digest: str
+    receiver: str | None  # who received it: a serving key name or "anonymous"; None if unknown
+
+
+def get_served(ws: Workspace, response_id: str) -> ServedResponse | None:
+    """The served response with this id, or None (never served here, or pruned since)."""
+    _ensure_table(ws.engine)
+    with ws.engine.connect() as conn:
+        row = (
+            conn.execute(select(served_responses).where(served_responses.c.id == response_id))
+            .mappings()
+            .first()
+        )
+    if row is None:
+        return None
+    return ServedResponse(**{c.name: row[c.name] for c in served_responses.columns})
 
 
 @dataclass(frozen=True)
@@ -88,6 +197,7 @@ class LoggedRequest:
     duration_s: float | None
     params: dict[str, Any]
     error: str | None
+    receiver: str | None = None  # the serving key that asked, "anonymous"; None on older rows
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for `evertune logs --json` and the control API)."""
@@ -139,6 +249,7 @@ def _row(r: Any) -> LoggedRequest:
         duration_s=r["duration_s"],
         params=r["params"] or {},
         error=r["error"],
+        receiver=r["receiver"],
     )
 
 
@@ -159,29 +270,42 @@ class RequestLog:
         rl = RequestLog(ws, sample=0.1)            # log one request in ten
         if rl.sampled():
             rl.record({"id": "chatcmpl-…", "prompt": messages, "completion": text, …})
+        rl.served({"id": "chatcmpl-…", "endpoint": "chat", "prompt": messages, …})  # every one
         rl.flush(); rl.close()
 
-    `record` redacts `prompt`, `completion` and `error` and queues the row; a daemon thread
-    inserts queued rows in batches. A failed insert is logged and dropped: the request log
-    is monitoring data, and serving must not stop because the state DB is unavailable.
+    `record` and `served` redact the text (or drop it: `log_prompts=False`) and queue the row;
+    a daemon thread inserts queued rows in batches. A failed insert is logged and dropped: the
+    request log is monitoring data, and serving must not stop because the state DB is
+    unavailable. `log_prompts` and `responses_kept` default to the workspace's `serve` config.
     """
 
     _BATCH = 64  # rows per insert: one transaction per batch keeps SQLite fsyncs rare
+    _PRUNE_EVERY = 512  # served rows between prunes of served_responses to `responses_kept`
 
     def __init__(
         self,
         ws: Workspace,
         sample: float = 1.0,
         redactors: Sequence[Redactor] = DEFAULT_REDACTORS,
+        *,
+        log_prompts: bool | None = None,
+        responses_kept: int | None = None,
     ) -> None:
         if not 0 <= sample <= 1:
             raise ValueError(f"sample must be within [0, 1], got {sample}")
+        cfg = ws.config.serve
         self.ws = ws
         self.sample = sample
         self.redactors = tuple(redactors)
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.log_prompts = cfg.log_prompts if log_prompts is None else log_prompts
+        self.responses_kept = cfg.responses_kept if responses_kept is None else responses_kept
+        if self.responses_kept < 1:
+            raise ValueError(f"responses_kept must be >= 1, got {self.responses_kept}")
+        # Items: (table, row); None stops the writer.
+        self._queue: queue.Queue[tuple[Table, dict[str, Any]] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._served_since_prune = 0
 
     def sampled(self) -> bool:
         """Whether to log the next request (decided per request, `sample` of the time)."""
@@ -197,10 +321,35 @@ class RequestLog:
         row["created_at"] = row["created_at"] or time.time()
         for key in ("prompt", "completion", "error"):
             row[key] = self.redact(row[key])
+        if not self.log_prompts:
+            row["prompt"] = row["completion"] = None
         row["prompt_tokens"] = row["prompt_tokens"] or 0
         row["completion_tokens"] = row["completion_tokens"] or 0
         self._start()
-        self._queue.put(row)
+        self._queue.put((request_log, row))
+
+    def served(self, entry: dict[str, Any], *, redacted: bool = False) -> None:
+        """Queue one answered response for `served_responses` (every response, not a sample).
+
+        `entry`: id, endpoint, model, version, prompt, completion, receiver (the serving key
+        name, or "anonymous"; created_at: now). Pass
+        `redacted=True` when prompt and completion already went through `self.redact`."""
+        prompt, completion = entry.get("prompt"), entry.get("completion")
+        if not redacted:
+            prompt, completion = self.redact(prompt), self.redact(completion)
+        row = {
+            "id": entry["id"],
+            "created_at": entry.get("created_at") or time.time(),
+            "endpoint": entry["endpoint"],
+            "model": entry.get("model") or "",
+            "version": entry.get("version") or "",
+            "prompt": prompt if self.log_prompts else None,
+            "completion": completion if self.log_prompts else None,
+            "digest": response_digest(prompt, completion),
+            "receiver": entry.get("receiver"),
+        }
+        self._start()
+        self._queue.put((served_responses, row))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Block until every queued row is written (or `timeout` seconds passed)."""
@@ -234,14 +383,53 @@ class RequestLog:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            rows = [r for r in batch if r is not None]
-            if rows:
-                try:
-                    with self.ws.engine.begin() as conn:
-                        conn.execute(request_log.insert(), rows)
-                except Exception as exc:  # any DB error: drop this batch, keep serving
-                    log.warning("request log: could not write %d row(s): %s", len(rows), exc)
+            for table in (request_log, served_responses):
+                rows = [item[1] for item in batch if item is not None and item[0] is table]
+                if rows:
+                    self._write(table, rows)
             for _ in batch:
                 self._queue.task_done()
             if any(r is None for r in batch):
                 return
+
+    def _write(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        try:
+            with self.ws.engine.begin() as conn:
+                if table is served_responses:
+                    # A response id is written once; a repeat (a retried insert) is skipped
+                    # rather than failing the whole batch on the primary key.
+                    ids = [r["id"] for r in rows]
+                    have = set(
+                        conn.execute(select(table.c.id).where(table.c.id.in_(ids))).scalars()
+                    )
+                    fresh: dict[str, dict[str, Any]] = {}
+                    for r in rows:
+                        if r["id"] not in have:
+                            fresh.setdefault(r["id"], r)
+                    rows = list(fresh.values())
+                if rows:
+                    conn.execute(table.insert(), rows)
+        except Exception as exc:  # any DB error: drop this batch, keep serving
+            log.warning("%s: could not write %d row(s): %s", table.name, len(rows), exc)
+            return
+        if table is served_responses:
+            self._served_since_prune += len(rows)
+            if self._served_since_prune >= min(self._PRUNE_EVERY, self.responses_kept):
+                self._served_since_prune = 0
+                self._prune()
+
+    def _prune(self) -> None:
+        """Delete served responses older than the newest `responses_kept`."""
+        t = served_responses
+        try:
+            with self.ws.engine.begin() as conn:
+                cutoff = conn.execute(
+                    select(t.c.created_at)
+                    .order_by(t.c.created_at.desc())
+                    .offset(self.responses_kept - 1)
+                    .limit(1)
+                ).scalar()
+                if cutoff is not None:
+                    conn.execute(delete(t).where(t.c.created_at < cutoff))
+        except Exception as exc:  # pruning is housekeeping: retried at the next prune
+            log.warning("served_responses: could not prune: %s", exc)

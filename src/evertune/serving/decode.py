@@ -17,7 +17,11 @@ string, the same sampler), with what a server needs in addition:
   keep costing compute while a long one finishes;
 - cancellation: a row whose client went away stops at the next step;
 - PEFT adapters per row: when the group's module is a PeftModel, each row names its adapter
-  (`adapter_names`, PEFT's mixed-batch LoRA inference), so versions share one batch.
+  (`adapter_names`, PEFT's mixed-batch LoRA inference), so versions share one batch;
+- isolation: what is done per row (seeding, sampling, decoding text, emitting) fails only
+  that row; a prefill that fails for several new rows is retried one row at a time, so a
+  poisoned request fails alone and never takes the running batch with it. Only a failure of
+  a decode step's shared forward pass (which no row can be blamed for) fails every row.
 
 Kept inside serving/ rather than in generation.py (owned by evaluation): the evaluation path
 stays the simple one, and this file can follow serving's needs.
@@ -39,11 +43,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PEFT_BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (as vLLM does): dividing logits by 1e-300 gives
+inf/NaN probabilities, and such a temperature means "the most likely token" anyway."""
 
 
 @dataclass(frozen=True)
 class Failed:
-    """Internal event: the batch failed; the engine's stream re-raises `error`."""
+    """Internal event: this row failed; the engine's stream re-raises `error`."""
 
     error: BaseException
 
@@ -92,12 +99,13 @@ class Slot:
         """Emit the last delta and `Finished`, once."""
         if self.done:
             return
-        self.done = True
         ids = self.generated
         body = ids[:-1] if ids and ids[-1] in eos else ids
         text = _decode(tokenizer, body)
         if cut is not None:
             text = text[:cut]
+        # Done only once the text exists: if decoding raised, `fail` still tells the client.
+        self.done = True
         if self.request.stream and len(text) > len(self.sent) and text.startswith(self.sent):
             self.emit(TextDelta(text[len(self.sent) :]))
         now = time.perf_counter()
@@ -175,16 +183,41 @@ def _step_row(
             slot.sent = visible
 
 
-def _next_tokens(logits: torch.Tensor, slots: Sequence[Slot]) -> list[int]:
-    """Greedy for rows at temperature 0, nucleus sampling with each row's generator else."""
-    picks: list[int] = logits.argmax(dim=-1).tolist()
-    for r, slot in enumerate(slots):
-        req = slot.request
-        if req.temperature > 0:
-            picks[r] = int(
-                _sample(logits[r : r + 1], req.temperature, req.top_p, slot.generator)[0]
-            )
-    return picks
+def _sampled(request: GenRequest) -> bool:
+    """Whether a row samples (False: greedy). NaN compares False, so it decodes greedily too
+    (the gateway refuses NaN before it gets here)."""
+    return request.temperature >= GREEDY_BELOW
+
+
+def _vocab_size(module: Any) -> int | None:
+    """Rows of the input embedding (None when the module does not say)."""
+    try:
+        return int(module.get_input_embeddings().num_embeddings)
+    except Exception:
+        return None
+
+
+def _check_ids(ids: Sequence[int] | None, vocab: int | None) -> None:
+    """Raise for a token id the model has no embedding for: on a GPU the lookup would be a
+    device-side assert that breaks the CUDA context for every request, not an exception."""
+    if ids and vocab is not None and not all(0 <= i < vocab for i in ids):
+        bad = next(i for i in ids if not 0 <= i < vocab)
+        raise ValueError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+
+
+def _seed_generator(slot: Slot, device: Any) -> None:
+    """A generator for a sampled row: seeded when the request says so (raises on a seed
+    torch cannot take; the caller fails that row only)."""
+    import torch
+
+    if not _sampled(slot.request):
+        return
+    gen = torch.Generator(device=device)
+    if slot.request.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(slot.request.seed)
+    slot.generator = gen
 
 
 class RunningBatch:
@@ -233,14 +266,27 @@ class RunningBatch:
         return self._past is None or _mergeable(self._past)
 
     def admit(self, slots: list[Slot]) -> None:
-        """Prefill `slots` and add the unfinished ones to the batch (never raises)."""
+        """Prefill `slots` and add the unfinished ones to the batch (never raises).
+
+        A failure fails only new rows: the running rows are untouched (`_admit` changes the
+        batch's state only once nothing can fail any more). When a prefill of several rows
+        fails, each row is retried alone, so only the row that causes it fails."""
         import torch
 
         try:
             with torch.inference_mode():
                 self._admit(slots)
-        except Exception as exc:  # a broken batch fails its requests, not the batcher thread
-            self.fail(exc, slots)
+        except Exception as exc:  # a broken request fails itself, not the batcher thread
+            fresh = [s for s in slots if not s.done and not s.generated]
+            for slot in slots:
+                if not slot.done and slot.generated:  # got a token already: cannot redo
+                    slot.fail(exc)
+            if len(fresh) > 1:
+                for slot in fresh:
+                    self.admit([slot])
+            else:
+                for slot in fresh:
+                    slot.fail(exc)
 
     def step(self) -> None:
         """One decode step for every row (never raises)."""
@@ -280,13 +326,16 @@ class RunningBatch:
         if not new:
             return
         device = self.group.module.device
+        vocab = _vocab_size(self.group.module)
         for slot in new:
-            if slot.request.temperature > 0:
-                slot.generator = torch.Generator(device=device)
-                if slot.request.seed is None:
-                    slot.generator.seed()
-                else:
-                    slot.generator.manual_seed(slot.request.seed)
+            try:
+                _check_ids(slot.request.prompt_ids, vocab)
+                _seed_generator(slot, device)
+            except Exception as exc:  # e.g. a seed out of torch's range: this row only
+                slot.fail(exc)
+        new = [s for s in new if not s.done]
+        if not new:
+            return
         prompts = [s.request.prompt_ids or [] for s in new]
         assert all(prompts), "GenRequest must be prepared (prompt_ids) before decoding"
         width = max(len(p) for p in prompts)
@@ -326,12 +375,14 @@ class RunningBatch:
         assert self.can_admit and _mergeable(past), "admit() called while can_admit is False"
         have, add = self._attention.shape[1], attention.shape[1]
         width = max(have, add)
-        _merge_into(self._past, past, width - have, width - add)
         pad = torch.nn.functional.pad
-        self._attention = torch.cat(
+        # Build first, merge the cache, then assign: a failure leaves the running rows whole.
+        merged_attention = torch.cat(
             [pad(self._attention, (width - have, 0)), pad(attention, (width - add, 0))], dim=0
         )
-        self._next_pos = torch.cat([self._next_pos, next_pos], dim=0)
+        merged_pos = torch.cat([self._next_pos, next_pos], dim=0)
+        _merge_into(self._past, past, width - have, width - add)
+        self._attention, self._next_pos = merged_attention, merged_pos
         self._next_ids = self._next_ids + picks
         self.rows = self.rows + new
 
@@ -373,16 +424,27 @@ class RunningBatch:
                 self._attention = self._attention[:, lead:]
 
     def _process(self, rows: list[Slot], logits: torch.Tensor) -> list[int]:
-        """Sample one token per row and hand it to the row (finishing or streaming it)."""
-        picks = _next_tokens(logits, rows)
+        """Pick one token per row and hand it to the row (finishing or streaming it).
+
+        Per row, so that a row whose sampling or decoding raises fails alone; it is done,
+        so it leaves the batch like a finished row (its pick, the argmax, is never used)."""
+        picks: list[int] = logits.argmax(dim=-1).tolist()  # one op for every greedy row
         now = time.perf_counter()
-        for slot, token in zip(rows, picks, strict=True):
+        for r, slot in enumerate(rows):
             if slot.done:
                 continue
-            if slot.cancelled:
-                slot.finish(self.tokenizer, self.eos, "cancelled")
-            else:
-                _step_row(slot, token, now, self.tokenizer, self.eos)
+            try:
+                if slot.cancelled:
+                    slot.finish(self.tokenizer, self.eos, "cancelled")
+                    continue
+                req = slot.request
+                if _sampled(req):
+                    picks[r] = int(
+                        _sample(logits[r : r + 1], req.temperature, req.top_p, slot.generator)[0]
+                    )
+                _step_row(slot, picks[r], now, self.tokenizer, self.eos)
+            except Exception as exc:
+                slot.fail(exc)
         return picks
 
 
@@ -400,13 +462,23 @@ def _merge_into(cache: Any, other: Any, pad_self: int, pad_other: int) -> None:
     import torch
 
     pad = torch.nn.functional.pad
-    for mine, theirs in zip(cache.layers, other.layers, strict=True):
-        mine.keys = torch.cat(
-            [pad(mine.keys, (0, 0, pad_self, 0)), pad(theirs.keys, (0, 0, pad_other, 0))], dim=0
+    # Every tensor is built before any layer changes: a failure here (out of memory) leaves
+    # the running rows' cache whole.
+    merged = [
+        (
+            torch.cat(
+                [pad(mine.keys, (0, 0, pad_self, 0)), pad(theirs.keys, (0, 0, pad_other, 0))],
+                dim=0,
+            ),
+            torch.cat(
+                [pad(mine.values, (0, 0, pad_self, 0)), pad(theirs.values, (0, 0, pad_other, 0))],
+                dim=0,
+            ),
         )
-        mine.values = torch.cat(
-            [pad(mine.values, (0, 0, pad_self, 0)), pad(theirs.values, (0, 0, pad_other, 0))], dim=0
-        )
+        for mine, theirs in zip(cache.layers, other.layers, strict=True)
+    ]
+    for layer, (keys, values) in zip(cache.layers, merged, strict=True):
+        layer.keys, layer.values = keys, values
 
 
 def _crop_left(cache: Any, n: int) -> None:

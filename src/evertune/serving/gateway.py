@@ -29,22 +29,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import json
 import logging
+import math
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from evertune.errors import NotFoundError
-from evertune.monitoring.feedback import build_record, write_feedback
+from evertune.errors import DataError, NotFoundError
+from evertune.monitoring.feedback import (
+    UNTRAINED,
+    build_record,
+    check_response_id,
+    receiver_problem,
+    write_feedback,
+)
 from evertune.monitoring.metrics import METRICS, ServingMetrics
 from evertune.monitoring.redact import DEFAULT_REDACTORS, Redactor
-from evertune.monitoring.request_log import RequestLog, get_request
+from evertune.monitoring.request_log import (
+    RequestLog,
+    get_request,
+    get_served,
+    response_digest,
+)
 from evertune.serving import protocol as oai
 from evertune.serving.engine import (
     BASE_KEY,
@@ -55,19 +69,23 @@ from evertune.serving.engine import (
     GenRequest,
     TextDelta,
 )
-from evertune.serving.keys import ServingKeys
+from evertune.serving.keys import ANONYMOUS, ServingKeys
 from evertune.serving.names import Target, display_name, parse_model_name, version_label
 from evertune.serving.protocol import OpenAIError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from evertune.registry import Registry
     from evertune.workspace import Workspace
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 STAGES = ("prod", "qa")
 KEEP_IDLE_VERSIONS = 1  # versions no stage points at that stay loaded (LRU); each costs memory
 RECENT_RESPONSES = 5000  # responses remembered (redacted) so feedback can find their prompt
+PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
 NAMES_TTL_S = 5.0  # how long the list of registered versions is cached for /v1/models and 404s
 
 
@@ -77,6 +95,7 @@ class _Handle:
 
     key: str  # engine key: "base" or "v3"
     version: int | None  # None = the base model
+    engine: Engine | None = None  # the engine of the base it was trained on; None: the default
     stages: set[str] = field(default_factory=set)  # stages pointing here now
     refs: int = 0  # requests in flight on it
     last_used: float = field(default_factory=time.monotonic)
@@ -102,6 +121,7 @@ class _Call:
     t0: float = field(default_factory=time.perf_counter)
     submit_at: float = 0.0  # perf_counter when the engine got the request
     created: int = field(default_factory=oai.now)
+    receiver: str = ANONYMOUS  # the serving key that asked: feedback on it is trusted from it
 
     @property
     def answered_as(self) -> str:
@@ -116,12 +136,21 @@ class _Call:
         }
 
 
-def make_engine(ws: Workspace, metrics: ServingMetrics | None = None) -> Engine:
-    """The engine `serve.engine` names, for the workspace's base model."""
+def make_engine(
+    ws: Workspace,
+    metrics: ServingMetrics | None = None,
+    *,
+    base: Path | None = None,
+    max_lora_rank: int | None = None,
+) -> Engine:
+    """The engine `serve.engine` names, for `base` (default: the configured base model).
+
+    `max_lora_rank` (vLLM fixes it at start) defaults to the largest rank of any registered
+    version on that base, from the versions' own facts, and the configured rank."""
     from evertune.models import resolve_base_model
 
     cfg = ws.config.serve
-    base = resolve_base_model(ws.config.model.base, ws.models_dir)
+    base = base or resolve_base_model(ws.config.model.base, ws.models_dir)
     sink = metrics or METRICS
     if cfg.engine == "vllm":
         from evertune.serving.vllm_engine import VllmEngine
@@ -130,7 +159,7 @@ def make_engine(ws: Workspace, metrics: ServingMetrics | None = None) -> Engine:
             base,
             model_name=ws.config.model.name,
             dtype=ws.config.model.dtype,
-            max_lora_rank=ws.config.train.lora.r,
+            max_lora_rank=max_lora_rank or _max_lora_rank(ws, base),
             max_tokens_limit=cfg.max_tokens_limit,
             log_path=ws.state_dir / "vllm.log",
         )
@@ -146,6 +175,23 @@ def make_engine(ws: Workspace, metrics: ServingMetrics | None = None) -> Engine:
         threads=getattr(cfg, "threads", 0),  # serve.threads, once config.py has it
         on_batch=lambda n: sink.batch_size.labels(engine="transformers").observe(n),
     )
+
+
+def _max_lora_rank(ws: Workspace, base: Path) -> int:
+    """The largest LoRA rank among registered versions trained on `base` (and the config's)."""
+    from evertune.facts import fingerprint
+    from evertune.registry import Registry
+
+    ranks = [ws.config.train.lora.r]
+    try:
+        mine = fingerprint(base)
+        for mv in Registry(ws).list_versions():
+            r = (mv.facts.get("lora") or {}).get("r")
+            if isinstance(r, int) and mv.facts.get("base_fingerprint") in (mine, None):
+                ranks.append(r)
+    except Exception as exc:  # no registry yet: the configured rank
+        log.warning("could not read the versions' LoRA ranks: %s", exc)
+    return max(ranks)
 
 
 class Gateway:
@@ -171,6 +217,11 @@ class Gateway:
         self.request_log = RequestLog(ws, sample=self.cfg.request_log_sample, redactors=redactors)
         self.keys = ServingKeys(ws)
         self._engine = engine
+        # Engines of other bases: a version trained before model.base changed keeps being
+        # served on its own base (evertune.facts), loaded beside the default one on demand.
+        self._engines: dict[Path, Engine] = {}
+        self._default_base: Path | None = None
+        self._engine_start_lock = threading.Lock()
         self._lock = threading.Lock()  # guards _handles, _pointers and handle refs
         self._key_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
             threading.Lock
@@ -180,6 +231,13 @@ class Gateway:
         self._failed: dict[str, int] = {}  # stage → version whose load failed (not retried)
         self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._names: tuple[float, list[int]] = (float("-inf"), [])
+        # Prompts are rendered and tokenized on this one thread, off the event loop (a long
+        # prompt must not stall every route) and off asyncio's default pool (long prompts must
+        # not take the workers other routes need). One thread: a fast tokenizer used by two
+        # threads at once can raise ("Already borrowed"); serve.max_prompt_chars bounds the wait.
+        self._prompt_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="evertune-tokenize"
+        )
         self._registry: Registry | None = None
         self._follower: threading.Thread | None = None
         self._stop = threading.Event()
@@ -212,6 +270,7 @@ class Gateway:
         if self._engine is None:
             self._engine = make_engine(self.ws, self.metrics)
         self.engine.start()
+        self._default_base = self._configured_base()
         with self._lock:
             self._handles[BASE_KEY] = _Handle(BASE_KEY, None)
         self.sync(raise_errors=True)
@@ -231,6 +290,9 @@ class Gateway:
             self._follower = None
         if self._engine is not None and self._started:
             self.engine.stop()
+        for other in self._engines.values():
+            other.stop()
+        self._engines.clear()
         self.request_log.close()
         self._started = False
 
@@ -303,10 +365,41 @@ class Gateway:
             if handle is not None:
                 return handle
             path = self.registry.version_artifact_path(version)
-            self.engine.load(key, path)
+            engine = self._engine_for(path, version)
+            engine.load(key, path)
             with self._lock:
-                handle = self._handles.setdefault(key, _Handle(key, version))
+                handle = self._handles.setdefault(key, _Handle(key, version, engine=engine))
             return handle
+
+    def _configured_base(self) -> Path | None:
+        from evertune.models import resolve_base_model
+
+        try:
+            return resolve_base_model(self.ws.config.model.base, self.ws.models_dir).resolve()
+        except Exception:  # a test engine without a real base: versions use the default engine
+            return None
+
+    def _engine_for(self, path: Path, version: int) -> Engine:
+        """The engine of the base model `version` was trained on (its facts, not the live
+        config); starts one for that base when it is not the default engine's."""
+        from evertune.facts import RESULT_META, read_facts, version_base
+
+        if not (path / RESULT_META).is_file():
+            return self.engine  # no facts recorded: nothing to check against
+        base = version_base(read_facts(path), self.ws.models_dir, what=f"v{version}").resolve()
+        if self._default_base is None or base == self._default_base:
+            return self.engine
+        with self._engine_start_lock:  # two versions of one new base: one engine
+            engine = self._engines.get(base)
+            if engine is None:
+                log.info("v%s was trained on base %s: starting an engine for it", version, base)
+                engine = make_engine(self.ws, self.metrics, base=base)
+                engine.start()
+                self._engines[base] = engine
+        return engine
+
+    def _engine_of(self, handle: _Handle) -> Engine:
+        return handle.engine or self.engine
 
     def _evict_idle(self) -> None:
         """Unload idle versions no stage points at, beyond the `KEEP_IDLE_VERSIONS` newest."""
@@ -325,7 +418,7 @@ class Gateway:
                     if h.key in self._handles:  # asked for again meanwhile: keep it
                         continue
                 try:
-                    self.engine.unload(h.key)
+                    self._engine_of(h).unload(h.key)
                 except Exception as exc:
                     log.warning("could not unload %s: %s", h.key, exc)
 
@@ -467,9 +560,12 @@ class Gateway:
         @router.post("/v1/feedback")
         async def feedback(request: Request) -> Response:
             try:
-                self.keys.check(request.headers.get("authorization"))
-                body = oai.parse_json(await request.body())
-                return _json(await self._feedback(body))
+                sender = self.keys.check(request.headers.get("authorization"))
+                # JSON only: a browser may send text/plain cross-origin without a preflight,
+                # so accepting it would let any web page post training data.
+                _require_json(request.headers.get("content-type"))
+                body = oai.parse_json(await read_body(request, self.cfg.max_request_bytes))
+                return _json(await self._feedback(body, sender))
             except OpenAIError as err:
                 return _error(err)
 
@@ -481,8 +577,8 @@ class Gateway:
                 503, "The model server is starting; retry in a few seconds.", code="not_ready"
             )
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> str:
-        tok = self.engine.tokenizer
+    def _render_chat(self, messages: list[dict[str, str]], handle: _Handle) -> str:
+        tok = self._engine_of(handle).tokenizer  # the version's base: its own chat template
         if not getattr(tok, "chat_template", None):
             raise oai.bad(
                 "messages",
@@ -501,6 +597,38 @@ class Gateway:
         assert isinstance(text, str)
         return text
 
+    def _prepare(self, engine: Engine, gens: list[GenRequest], param: str) -> None:
+        """Tokenize every prompt (on `_prompt_pool`'s thread)."""
+        limit = self.cfg.max_prompt_chars
+        for gen in gens:
+            if len(gen.prompt) > limit:  # the chat template's text, checked once more
+                raise oai.bad(
+                    param,
+                    f"the rendered prompt is {len(gen.prompt)} characters; this server "
+                    f"accepts at most {limit} (serve.max_prompt_chars: raise it in "
+                    f"evertune.yaml or with --set serve.max_prompt_chars=N)",
+                    "prompt_too_long",
+                )
+            try:
+                engine.prepare(gen)
+            except EngineError as exc:
+                raise _from_engine(exc, param) from None
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """`fn(*args)` on the prompt thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_pool, fn, *args)
+
+    def _parse(self, raw: bytes, endpoint: str) -> oai.ChatParams | oai.CompletionParams:
+        """The validated request (OpenAIError 400 naming what is wrong)."""
+        body = oai.parse_json(raw)
+        limits = {
+            "max_tokens_limit": self.cfg.max_tokens_limit,
+            "max_prompt_chars": self.cfg.max_prompt_chars,
+        }
+        if endpoint == "chat":
+            return oai.parse_chat(body, **limits)
+        return oai.parse_completion(body, **limits)
+
     async def _complete(self, request: Request, endpoint: str) -> Response:
         """Both completion endpoints: validate, resolve, generate, answer (or stream)."""
         t0 = time.perf_counter()
@@ -508,21 +636,19 @@ class Gateway:
         target: Target | None = None
         try:
             self._check_ready()
-            self.keys.check(request.headers.get("authorization"))
-            body = oai.parse_json(await request.body())
-            limit = self.cfg.max_tokens_limit
-            params: oai.ChatParams | oai.CompletionParams
-            if endpoint == "chat":
-                params = oai.parse_chat(body, max_tokens_limit=limit)
+            receiver = self.keys.check(request.headers.get("authorization"))
+            raw = await read_body(request, self.cfg.max_request_bytes)
+            if len(raw) > PARSE_INLINE_BYTES:
+                # Parsing and checking megabytes takes tens of ms: not on the event loop.
+                params = await asyncio.to_thread(self._parse, raw, endpoint)
             else:
-                params = oai.parse_completion(body, max_tokens_limit=limit)
+                params = self._parse(raw, endpoint)
+            del raw
             handle, target = await self._acquire(params.model)
             if isinstance(params, oai.ChatParams):
-                prompts, source, param = (
-                    [self._render_chat(params.messages)],
-                    params.messages,
-                    "messages",
-                )
+                # In a thread too: Jinja over a long message takes a while.
+                rendered = await self._off_loop(self._render_chat, params.messages, handle)
+                prompts, source, param = [rendered], params.messages, "messages"
             else:
                 prompts, param = params.prompts, "prompt"
                 source = params.prompts if params.prompt_is_list else params.prompts[0]
@@ -538,12 +664,14 @@ class Gateway:
                 )
                 for p in prompts
             ]
-            for gen in gens:
-                try:
-                    self.engine.prepare(gen)
-                except EngineError as exc:
-                    raise _from_engine(exc, param) from None
-        except OpenAIError as err:
+            await self._off_loop(self._prepare, self._engine_of(handle), gens, param)
+        except Exception as exc:
+            err = exc if isinstance(exc, OpenAIError) else None
+            if err is None:
+                # A bug, not the client's fault: still an OpenAI-shaped answer, and the model
+                # this request held is released.
+                log.exception("%s request failed before generation", endpoint)
+                err = OpenAIError(500, f"internal error: {exc}", code="internal_error")
             if handle is not None:
                 self._release(handle)
             self._count_error(endpoint, handle, target, err)
@@ -558,6 +686,7 @@ class Gateway:
             prompt=source,
             sampled=self.request_log.sampled(),
             t0=t0,
+            receiver=receiver,
         )
         self.metrics.in_flight.labels(version=handle.label, stage=target.stage).inc()
         if params.stream:
@@ -589,10 +718,11 @@ class Gateway:
         """Events of every prompt of a call, tagged with the prompt's index, as they come."""
         call.submit_at = time.perf_counter()
         key = call.handle.key
+        engine = self._engine_of(call.handle)
         # aclosing: a client that goes away closes the engine streams at once, which cancels
         # their rows in the batch (the engine's `finally`), instead of at garbage collection.
         if len(gens) == 1:
-            async with contextlib.aclosing(self.engine.stream(key, gens[0])) as events:
+            async with contextlib.aclosing(engine.stream(key, gens[0])) as events:
                 async for event in events:
                     yield 0, event
             return
@@ -600,7 +730,7 @@ class Gateway:
 
         async def pump(i: int, gen: GenRequest) -> None:
             try:
-                async with contextlib.aclosing(self.engine.stream(key, gen)) as events:
+                async with contextlib.aclosing(engine.stream(key, gen)) as events:
                     async for event in events:
                         await queue.put((i, event))
             except Exception as exc:  # re-raised by the consumer below
@@ -763,11 +893,15 @@ class Gateway:
             "completion": self.request_log.redact(texts if len(texts) > 1 else texts[0]),
             "version": call.handle.label,
             "model": call.model,
+            "receiver": call.receiver,  # who may give verified feedback on it
         }
         with self._lock:
             self._recent[call.id] = source
             while len(self._recent) > RECENT_RESPONSES:
                 self._recent.popitem(last=False)
+        # Every response (not only the logged sample) is recorded, so feedback on it can be
+        # verified and trained on after it left memory or the process restarted.
+        self.request_log.served({"id": call.id, **source}, redacted=True)
 
     def _log(
         self, call: _Call, finals: list[Finished] | None, error: OpenAIError | None, duration: float
@@ -790,11 +924,16 @@ class Gateway:
             "duration_s": duration,
             "params": {"max_tokens": p.max_tokens, "temperature": p.temperature, "top_p": p.top_p,
                        "stop": p.stop, "seed": p.seed, "stream": p.stream},
-            "error": error.message if error else None,
+            "error": error.message if error else None, "receiver": call.receiver,
         })  # fmt: skip
 
     # -- feedback ----------------------------------------------------------------------------
-    async def _feedback(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def _feedback(self, body: dict[str, Any], sender: str) -> dict[str, Any]:
+        """Validate one feedback body and store its record; see `evertune.monitoring.feedback`.
+
+        The record trains on the prompt and answer this server produced for `id`, and only
+        when `sender` is the caller who received that response; otherwise it is stored
+        (`verified: false`, with a `reason` in the answer) and not trained on by default."""
         response_id = body.get("id")
         if not isinstance(response_id, str) or not response_id:
             raise oai.bad(
@@ -802,8 +941,12 @@ class Gateway:
                 "'id' must be the id of a response (chatcmpl-… or cmpl-…)",
                 "missing_required_parameter",
             )
+        try:
+            check_response_id(response_id)
+        except ValueError as exc:
+            raise oai.bad("id", str(exc)) from None
         rating = body.get("rating")
-        if rating is not None and not oai._is_number(rating):
+        if rating is not None and (not oai._is_number(rating) or not math.isfinite(rating)):
             raise oai.bad(
                 "rating", "'rating' must be a number (e.g. 1 or -1, or a 1–5 score)", "invalid_type"
             )
@@ -813,22 +956,40 @@ class Gateway:
         if rating is None and correction is None:
             raise oai.bad("rating", "send a 'rating', a 'correction', or both")
         comment = body.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise oai.bad("comment", "'comment' must be a string", "invalid_type")
         index = oai._int(body, "index") or 0
-        source = await self._feedback_source(response_id, body)
+        if index < 0:
+            raise oai.bad("index", f"'index' must be 0 or more (a choice's index), got {index}")
+        source, reason = await self._feedback_source(response_id, body)
+        if reason is None:
+            # A response id is a capability only for whoever received it: another key that
+            # learnt it must not put its rating or correction into the training data.
+            reason = receiver_problem(
+                response_id, sender, source.get("receiver"), serving_open=not self.keys.names()
+            )
+        verified = reason is None
         try:
             record = build_record(
                 source,
                 response_id=response_id,
                 rating=rating,
                 correction=self.request_log.redact(correction) if correction else None,
-                comment=comment if isinstance(comment, str) else None,
+                comment=self.request_log.redact(comment) if comment else None,
                 index=index,
+                verified=verified,
+                sender=sender,
+                receiver=source.get("receiver"),
+                reason=reason,
             )
         except ValueError as exc:
-            param = "messages" if "messages" in str(exc) else "prompt"
-            raise oai.bad(param, str(exc)) from None
+            message = str(exc)
+            param = next((p for p in ("index", "messages") if p in message), "prompt")
+            raise oai.bad(param, message) from None
         try:
             key = await asyncio.to_thread(write_feedback, self.ws, record, response_id)
+        except DataError as exc:  # the bucket refused the object key
+            raise oai.bad("id", str(exc)) from None
         except Exception as exc:
             raise OpenAIError(
                 500, f"could not write the feedback to the bucket: {exc}", code="storage_error"
@@ -839,38 +1000,155 @@ class Gateway:
             "object": "feedback",
             "response_id": response_id,
             "label": meta["label"],
+            "verified": verified,
+            "reason": reason,  # None when verified: why it is not trained on by default
+            "sender": sender,
             "key": key,
         }
 
-    async def _feedback_source(self, response_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        """What was asked and answered: the body's, else remembered, else the request log's."""
+    async def _feedback_source(
+        self, response_id: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], str | None]:
+        """What was asked and answered (with its `receiver`), and why it is not known to be
+        what this server served (None: it is).
+
+        Remembered in memory, else `served_responses`, else the request log: then verified,
+        and the body's `messages`/`prompt`/`completion` are ignored — except where only a
+        digest was stored (`serve.log_prompts: false`) and the body's text matches it. Else
+        the body's text, unverified (stored for review, not trained on by default)."""
+        untrained = UNTRAINED
         with self._lock:
             source = dict(self._recent.get(response_id) or {})
-        if not source:
-            logged = await asyncio.to_thread(get_request, self.ws, response_id)
-            if logged is not None:
-                source = {
+        if source:
+            return source, None
+        served = await _lookup(get_served, self.ws, response_id)
+        known = (
+            {"version": served.version, "model": served.model, "receiver": served.receiver}
+            if served
+            else {}
+        )
+        if served is not None and served.prompt is not None:
+            return {
+                "endpoint": served.endpoint,
+                "prompt": served.prompt,
+                "completion": served.completion,
+                **known,
+            }, None
+        claimed = _claimed(body, self.request_log.redact)
+        if (
+            served is not None
+            and claimed is not None
+            and claimed["endpoint"] == served.endpoint
+            and response_digest(claimed["prompt"], claimed.get("completion")) == served.digest
+        ):
+            return {**claimed, **known}, None
+        if served is None:
+            logged = await _lookup(get_request, self.ws, response_id)
+            if logged is not None and logged.prompt is not None:
+                return {
                     "endpoint": logged.endpoint,
                     "prompt": logged.prompt,
                     "completion": logged.completion,
                     "version": logged.version,
                     "model": logged.model,
-                }
-        if isinstance(body.get("messages"), list):
-            source.update(endpoint="chat", prompt=self.request_log.redact(body["messages"]))
-        elif isinstance(body.get("prompt"), str):
-            source.update(endpoint="completions", prompt=self.request_log.redact(body["prompt"]))
-        if isinstance(body.get("completion"), str):
-            source["completion"] = self.request_log.redact(body["completion"])
-        if not source.get("prompt"):
+                    "receiver": logged.receiver,
+                }, None
+        if claimed is None and served is not None:
+            raise oai.bad(
+                "messages",
+                f"Response {response_id!r} was served here, but its text was not stored "
+                "(serve.log_prompts: false): send its 'messages' (or 'prompt') and "
+                "'completion' exactly as served with the feedback",
+            )
+        if claimed is None:
             raise OpenAIError(
                 404,
-                f"No response {response_id!r} is known here (not recent, not in the request "
-                f"log); send 'messages' (or 'prompt') and 'completion' with the feedback",
+                f"No response {response_id!r} is known here (not recent, not recorded); send "
+                f"'messages' (or 'prompt') and 'completion' with the feedback to store it for "
+                f"review (it is not trained on unless data.trust_unverified_feedback is true)",
                 param="id",
                 code="response_not_found",
             )
-        return source
+        if served is not None:
+            return claimed, (
+                f"the text sent is not what response {response_id!r} served (its digest "
+                f"differs): {untrained}"
+            )
+        return claimed, f"no response {response_id!r} is known here: {untrained}"
+
+
+async def _lookup(fn: Callable[[Workspace, str], _T], ws: Workspace, response_id: str) -> _T:
+    """`fn(ws, response_id)` in a thread; a state DB failure is a 503 to retry, not a 500."""
+    try:
+        return await asyncio.to_thread(fn, ws, response_id)
+    except Exception as exc:
+        raise OpenAIError(
+            503,
+            f"could not look up response {response_id!r} in the state DB ({exc}); retry shortly",
+            code="state_db_unavailable",
+        ) from exc
+
+
+def _require_json(content_type: str | None) -> None:
+    """415 unless the body is declared as JSON (`application/json`, any charset)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise OpenAIError(
+            415,
+            f"Unsupported Content-Type {content_type or '(none)'!r}: send the feedback as a JSON "
+            "object with the header 'Content-Type: application/json'.",
+            param="content-type",
+            code="unsupported_media_type",
+            type="invalid_request_error",
+        )
+
+
+def _claimed(body: dict[str, Any], redact: Any) -> dict[str, Any] | None:
+    """The prompt and answer a feedback body says were served (redacted), None without a
+    prompt; 400 naming the field when one is malformed.
+
+    Messages are normalised as chat requests are ({role, content} with text content), so
+    their digest matches the served response's."""
+    endpoint: str
+    prompt: Any
+    if body.get("messages") is not None:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise oai.bad("messages", "'messages' must be a non-empty array of {role, content}")
+        prompt = []
+        for i, m in enumerate(raw):
+            if not isinstance(m, dict) or m.get("role") not in oai.CHAT_ROLES:
+                raise oai.bad(
+                    f"messages[{i}]",
+                    f"each message must be an object with a role ({', '.join(oai.CHAT_ROLES)}) "
+                    "and a content",
+                )
+            prompt.append(
+                {"role": m["role"], "content": oai._content(m.get("content"), f"messages[{i}]")}
+            )
+        endpoint = "chat"
+    elif body.get("prompt") is not None:
+        prompt = body["prompt"]
+        if not _text_or_texts(prompt):
+            raise oai.bad("prompt", "'prompt' must be a string or an array of strings")
+        endpoint = "completions"
+    else:
+        if body.get("completion") is not None:
+            raise oai.bad("messages", "'completion' needs the 'messages' (or 'prompt') it answers")
+        return None
+    claimed: dict[str, Any] = {"endpoint": endpoint, "prompt": redact(prompt)}
+    completion = body.get("completion")
+    if completion is not None:
+        if not _text_or_texts(completion):
+            raise oai.bad("completion", "'completion' must be a string or an array of strings")
+        claimed["completion"] = redact(completion)
+    return claimed
+
+
+def _text_or_texts(value: Any) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    )
 
 
 def _from_engine(exc: EngineError, param: str) -> OpenAIError:
@@ -879,9 +1157,44 @@ def _from_engine(exc: EngineError, param: str) -> OpenAIError:
     return OpenAIError(exc.status, exc.message, param=name, code=exc.code)
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 naming `serve.max_request_bytes` once it is over `limit`.
+
+    Read chunk by chunk and refused as soon as it passes the limit (at once when the
+    Content-Length says so): a 50 MB body is never held in memory whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit, int(declared))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit, None)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int, size: int | None) -> OpenAIError:
+    got = f"{size} bytes" if size is not None else "more than that"
+    return OpenAIError(
+        413,
+        f"The request body is too large: this server accepts at most {limit} bytes "
+        f"(serve.max_request_bytes), got {got}. Send a shorter prompt, or raise the limit in "
+        f"evertune.yaml or with --set serve.max_request_bytes=N.",
+        code="request_too_large",
+    )
+
+
 def _json(payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(payload, headers=headers)
 
 
 def _error(err: OpenAIError, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    # ASCII JSON: a message that echoes client text (a lone surrogate, say) still encodes.
+    return Response(
+        json.dumps(err.body()),
+        status_code=err.status,
+        headers=headers,
+        media_type="application/json",
+    )

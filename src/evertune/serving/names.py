@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["prod", "qa", "base", "version"]
-_SUFFIX = re.compile(r"(?:(prod|qa|base)|[vV](\d+))")
+MAX_VERSION = 2**31 - 1
+"""The largest version number a name can ask for: MLflow stores versions in a 32-bit column
+on some databases, and a larger number (`NAME@v99999999999999999999`) must be a plain 404
+rather than a registry query that overflows."""
+# ASCII digits only (`\d` also matches other scripts' digits), at most 10 of them: int() of
+# thousands of digits is refused by Python and slow before that.
+_SUFFIX = re.compile(r"(?:(prod|qa|base)|[vV]([0-9]{1,10}))")
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ def parse_model_name(raw: str, name: str) -> Target | None:
     if m.group(1):
         return Target(m.group(1))  # type: ignore[arg-type]  # the regex allows only Kind values
     number = int(m.group(2))
-    return Target("version", number) if number >= 1 else None
+    return Target("version", number) if 1 <= number <= MAX_VERSION else None
 
 
 def version_label(version: int | None) -> str:

@@ -13,6 +13,8 @@ send new fields before servers know them); parameters we know but cannot honour 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +25,9 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (chat: up t
 MAX_STOP = 4  # stop sequences per request, as in the OpenAI API
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, what torch (and vLLM) seed generators take
+DEFAULT_MAX_PROMPT_CHARS = 200_000  # `serve.max_prompt_chars`'s default
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone UTF-16 halves: JSON allows them, UTF-8 not
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -104,7 +109,7 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; 400 when it is not one."""
     try:
         body = json.loads(raw or b"null")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested thousands deep
         raise OpenAIError(
             400,
             f"We could not parse the JSON body of your request ({exc}). The body must be a "
@@ -128,6 +133,9 @@ def _number(
         return default
     if not _is_number(value):
         raise bad(key, f"'{key}' must be a number, got {json.dumps(value)}", "invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        # Python's json reads NaN, Infinity and 1e999; every comparison with NaN is False.
+        raise bad(key, f"'{key}' must be a finite number, got {value}")
     if value > hi or value < lo or (lo_open and value == lo):
         left = "(" if lo_open else "["
         raise bad(key, f"'{key}' must be in {left}{lo:g}, {hi:g}], got {value}")
@@ -143,6 +151,32 @@ def _int(body: dict[str, Any], key: str) -> int | None:
             return int(value)
         raise bad(key, f"'{key}' must be an integer, got {json.dumps(value)}", "invalid_type")
     return value
+
+
+def _text(value: str, param: str) -> str:
+    """`value`, or a 400 naming `param` when it holds a lone surrogate (not valid Unicode)."""
+    m = _SURROGATE.search(value)
+    if m is not None:
+        raise bad(
+            param,
+            f"'{param}' holds a lone UTF-16 surrogate (\\u{ord(m.group()):04x}) at character "
+            f"{m.start()}, which is not valid Unicode; send the whole surrogate pair or the "
+            f"character itself",
+            "invalid_unicode",
+        )
+    return value
+
+
+def _prompt_size(total: int, param: str, max_prompt_chars: int) -> None:
+    """400 when the prompt text is over `serve.max_prompt_chars` (checked before tokenizing)."""
+    if total > max_prompt_chars:
+        raise bad(
+            param,
+            f"the prompt is {total} characters; this server accepts at most "
+            f"{max_prompt_chars} (serve.max_prompt_chars: raise it in evertune.yaml or with "
+            f"--set serve.max_prompt_chars=N to allow more)",
+            "prompt_too_long",
+        )
 
 
 def _refuse(body: dict[str, Any], key: str, ok: tuple[Any, ...], why: str) -> None:
@@ -165,6 +199,7 @@ def _sampling(
             "you must provide a model parameter (a string such as 'NAME' or 'NAME@prod')",
             "missing_required_parameter" if model is None else "invalid_type",
         )
+    _text(model, "model")  # echoed in a 404: it must be encodable
     max_tokens = _int(body, "max_completion_tokens")
     key = "max_completion_tokens"
     if max_tokens is None:
@@ -188,6 +223,8 @@ def _sampling(
         raise bad("stop", f"'stop' takes at most {MAX_STOP} sequences, got {len(stop)}")
     if any(not s for s in stop):
         raise bad("stop", "'stop' sequences must not be empty strings")
+    for s in stop:
+        _text(s, "stop")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad("stream", "'stream' must be true or false", "invalid_type")
@@ -207,13 +244,16 @@ def _sampling(
         if value != 0:
             raise bad(penalty, f"'{penalty}' is not supported (only 0)", "unsupported_parameter")
     _refuse(body, "logit_bias", ({},), "logit bias is not implemented")
+    seed = _int(body, "seed")
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad("seed", f"'seed' must be a 64-bit signed integer (-2^63 to 2^63-1), got {seed}")
     return {
         "model": model,
         "max_tokens": max_tokens if max_tokens is not None else default_max,
         "temperature": _number(body, "temperature", DEFAULT_TEMPERATURE, 0.0, 2.0),
         "top_p": _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         "stop": stop,
-        "seed": _int(body, "seed"),
+        "seed": seed,
         "stream": bool(stream),
         "include_usage": include_usage,
     }
@@ -224,7 +264,7 @@ def _content(value: Any, where: str) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return _text(value, where)
     if isinstance(value, list):
         texts = []
         for i, part in enumerate(value):
@@ -239,12 +279,17 @@ def _content(value: Any, where: str) -> str:
                     f"only text content parts are supported, got {kind!r}",
                     "unsupported_content",
                 )
-            texts.append(part["text"])
+            texts.append(_text(part["text"], f"{where}[{i}].text"))
         return "".join(texts)
     raise bad(where, "message content must be a string or an array of text parts", "invalid_type")
 
 
-def parse_chat(body: dict[str, Any], *, max_tokens_limit: int) -> ChatParams:
+def parse_chat(
+    body: dict[str, Any],
+    *,
+    max_tokens_limit: int,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+) -> ChatParams:
     """Validate a /v1/chat/completions body."""
     common = _sampling(body, max_tokens_limit, default_max=None)
     raw = body.get("messages")
@@ -270,6 +315,7 @@ def parse_chat(body: dict[str, Any], *, max_tokens_limit: int) -> ChatParams:
         messages.append(
             {"role": role, "content": _content(m.get("content"), f"messages[{i}].content")}
         )
+    _prompt_size(sum(len(m["content"]) for m in messages), "messages", max_prompt_chars)
     _refuse(body, "logprobs", (False,), "log probabilities are not returned")
     _refuse(body, "top_logprobs", (0,), "log probabilities are not returned")
     for key in ("tools", "functions"):
@@ -284,7 +330,12 @@ def parse_chat(body: dict[str, Any], *, max_tokens_limit: int) -> ChatParams:
     return ChatParams(**common, messages=messages)
 
 
-def parse_completion(body: dict[str, Any], *, max_tokens_limit: int) -> CompletionParams:
+def parse_completion(
+    body: dict[str, Any],
+    *,
+    max_tokens_limit: int,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+) -> CompletionParams:
     """Validate a /v1/completions body (a prompt string, or an array of them)."""
     common = _sampling(
         body, max_tokens_limit, default_max=min(DEFAULT_COMPLETION_MAX_TOKENS, max_tokens_limit)
@@ -309,6 +360,10 @@ def parse_completion(body: dict[str, Any], *, max_tokens_limit: int) -> Completi
         )
     if len(prompts) > MAX_PROMPTS:
         raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        _text(p, f"prompt[{i}]" if is_list else "prompt")
+    # Every prompt is tokenized and held at once: the cap is on their sum.
+    _prompt_size(sum(len(p) for p in prompts), "prompt", max_prompt_chars)
     _refuse(body, "logprobs", (0,), "log probabilities are not returned")
     _refuse(body, "echo", (False,), "echo is not supported")
     _refuse(body, "best_of", (1,), "best_of must be 1")

@@ -12,7 +12,9 @@ to `max_batch_size`, and starts decoding them together (`serving.decode.RunningB
 Requests arriving while a batch runs join it at the next step boundary (continuous
 batching: their prompt is prefilled, then they decode with the others) while it has room;
 rows leave as soon as they finish. So under load the batch stays full and a new request
-waits about one decode step, not for the whole batch to end.
+waits about one decode step, not for the whole batch to end. A request that fails inside a batch
+(a seed torch refuses, a prompt the model cannot run) fails alone: the rows batched with
+it go on (see `serving.decode`).
 
 Versions (`serve.merge_adapters`):
 - merged (default): each version is a copy of the in-memory base weights with its LoRA
@@ -111,6 +113,9 @@ class TransformersEngine:
         self._state = threading.Lock()  # guards _models, _users, _doomed
         self._step = threading.RLock()  # held around each forward pass
         self._load_lock = threading.Lock()  # one load at a time (memory, PEFT injection)
+        # prepare() runs in the gateway's worker threads; a fast tokenizer used by two
+        # threads at once can raise ("Already borrowed").
+        self._tokenize_lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -255,7 +260,8 @@ class TransformersEngine:
     def prepare(self, request: GenRequest) -> None:
         """Tokenize the prompt (no special tokens added, as in training) and fix max_tokens."""
         tok = self.tokenizer
-        ids = list(tok(request.prompt, add_special_tokens=False)["input_ids"])
+        with self._tokenize_lock:
+            ids = list(tok(request.prompt, add_special_tokens=False)["input_ids"])
         if not ids:
             if tok.bos_token_id is None:
                 raise EngineError("the prompt is empty", param="prompt")
@@ -389,5 +395,8 @@ class TransformersEngine:
                     batch.admit(more)
             if batch.rows:
                 if self.on_batch is not None:
-                    self.on_batch(len(batch.rows))
+                    try:
+                        self.on_batch(len(batch.rows))
+                    except Exception as exc:  # a metrics hiccup must not stop the batcher
+                        log.warning("on_batch callback failed: %s", exc)
                 batch.step()

@@ -6,6 +6,8 @@
                                   worst regressions, lineage, audit history, system tests, and
                                   the Approve / Reject / Promote forms its stage allows
     POST /models/{v}/approve      csrf, comment (required), force (admin override) → deploy.approve
+    POST /models/{v}/retry        csrf, comment (optional): rerun QA after an environment
+                                  failure                          → deploy.approve(retry=True)
     POST /models/{v}/reject       csrf, comment (required)                        → deploy.reject
     POST /models/{v}/promote      csrf, comment, next                             → deploy.promote
     GET  /deployments             PROD / QA / previous PROD, stage history, Promote, Rollback
@@ -32,6 +34,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import ValidationError
 
 from evertune import deploy
+from evertune.api.control import version_ref
 from evertune.auth import Principal
 from evertune.lifecycle import Stage, allowed_targets
 from evertune.web.compare import comparison_chart, metric_rows
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 
 KEY_METRICS = 4  # metric columns on /models: the gated metrics first, then the losses
 HISTORY_ROWS = 100  # stage moves listed on /deployments
+MAX_COMMENT = 2000  # characters of a reason for the audit log, as the API's Comment allows
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an eval report id is a folder name
 
 
@@ -69,6 +73,7 @@ class Actions:
     force: bool = False  # the approve form carries the admin override (a rejected version)
     reject: bool = False
     promote: bool = False
+    retry: bool = False  # the last QA attempt failed because of the environment: rerun it
 
 
 def add_routes(router: APIRouter, c: Console) -> None:
@@ -84,7 +89,7 @@ def add_routes(router: APIRouter, c: Console) -> None:
     def model_page(request: Request, version: str,
                    me: Principal = Depends(c.signed_in)) -> HTMLResponse:  # noqa: B008
         reg = c.registry()
-        mv = reg.resolve(version)
+        mv = reg.resolve(version_ref(version))
         report, report_problem = eval_report(ws, mv)
         tests, tests_problem = system_test_report(ws, mv)
         actions = allowed_actions(me, mv)
@@ -102,34 +107,45 @@ def add_routes(router: APIRouter, c: Console) -> None:
 
     @router.post("/models/{version}/approve")
     def approve(request: Request, version: str, csrf: str = Form(""),  # noqa: B008
-                comment: str = Form(""), force: bool = Form(False),  # noqa: B008
+                comment: str = Form("", max_length=MAX_COMMENT), force: bool = Form(False),  # noqa: B008
                 me: Principal = Depends(c.signed_in)) -> RedirectResponse:  # noqa: B008
         check_form(request, csrf, me, "approve")
         if not comment.strip():
             return back(request, "error", "Approving needs a comment: write in the “Why approve” "
                         "field what makes this version good enough (it goes to the audit log).",
                         to=_version_url(version))
-        result = deploy.approve(ws, version, me, comment, force=force)
+        result = deploy.approve(ws, version_ref(version), me, comment, force=force)
+        kind, message = outcome("approve", result)
+        return back(request, kind, message, to=f"/models/{result.version}")
+
+    @router.post("/models/{version}/retry")
+    def retry_qa(request: Request, version: str, csrf: str = Form(""),  # noqa: B008
+                 comment: str = Form("", max_length=MAX_COMMENT),  # noqa: B008
+                 me: Principal = Depends(c.signed_in)) -> RedirectResponse:  # noqa: B008
+        check_form(request, csrf, me, "approve")
+        result = deploy.approve(ws, version_ref(version), me, comment, retry=True)
         kind, message = outcome("approve", result)
         return back(request, kind, message, to=f"/models/{result.version}")
 
     @router.post("/models/{version}/reject")
-    def reject(request: Request, version: str, csrf: str = Form(""), comment: str = Form(""),  # noqa: B008
+    def reject(request: Request, version: str, csrf: str = Form(""),  # noqa: B008
+               comment: str = Form("", max_length=MAX_COMMENT),  # noqa: B008
                me: Principal = Depends(c.signed_in)) -> RedirectResponse:  # noqa: B008
         check_form(request, csrf, me, "reject")
         if not comment.strip():
             return back(request, "error", "Rejecting needs a comment: write in the “Why reject” "
                         "field what is wrong with this version (it goes to the audit log).",
                         to=_version_url(version))
-        result = deploy.reject(ws, version, me, comment)
+        result = deploy.reject(ws, version_ref(version), me, comment)
         kind, message = outcome("reject", result)
         return back(request, kind, message, to=f"/models/{result.version}")
 
     @router.post("/models/{version}/promote")
-    def promote(request: Request, version: str, csrf: str = Form(""), comment: str = Form(""),  # noqa: B008
+    def promote(request: Request, version: str, csrf: str = Form(""),  # noqa: B008
+                comment: str = Form("", max_length=MAX_COMMENT),  # noqa: B008
                 next: str = Form(""), me: Principal = Depends(c.signed_in)) -> RedirectResponse:  # noqa: A002, B008
         check_form(request, csrf, me, "promote")
-        result = deploy.promote(ws, version, me, comment)
+        result = deploy.promote(ws, version_ref(version), me, comment)
         kind, message = outcome("promote", result)
         # The form sits on the version page and on /deployments; go back to the one it was on.
         to = "/deployments" if next == "/deployments" else f"/models/{result.version}"
@@ -151,10 +167,12 @@ def add_routes(router: APIRouter, c: Console) -> None:
         )
 
     @router.post("/deployments/rollback")
-    def rollback(request: Request, csrf: str = Form(""), comment: str = Form(""),  # noqa: B008
+    def rollback(request: Request, csrf: str = Form(""),  # noqa: B008
+                 comment: str = Form("", max_length=MAX_COMMENT),  # noqa: B008
                  to: str = Form(""), me: Principal = Depends(c.signed_in)) -> RedirectResponse:  # noqa: B008
         check_form(request, csrf, me, "rollback")
-        result = deploy.rollback(ws, me, comment, to=to.strip() or None)
+        target = version_ref(to.strip(), param="to") if to.strip() else None
+        result = deploy.rollback(ws, me, comment, to=target)
         kind, message = outcome("rollback", result)
         return back(request, kind, message, to="/deployments")
 
@@ -227,11 +245,15 @@ def allowed_actions(me: Principal, mv: ModelVersion) -> Actions:
     override = (Stage.APPROVED not in moves and mv.stage is not Stage.APPROVED
                 and Stage.APPROVED in allowed_targets(mv.stage, force=True) and me.can("override"))
     resume = mv.stage is Stage.APPROVED
+    # qa → approved is the way back after an environment failure, not an approval to offer.
+    fresh = Stage.APPROVED in moves and mv.stage is not Stage.QA
     return Actions(
-        approve=me.can("approve") and (Stage.APPROVED in moves or resume or override),
+        approve=me.can("approve") and (fresh or resume or override),
         force=override,
         reject=me.can("reject") and Stage.REJECTED in moves,
         promote=me.can("promote") and mv.stage is Stage.QA,
+        retry=(me.can("approve") and resume
+               and mv.tags.get(deploy.TESTS_TAG) == deploy.TESTS_ERROR),
     )
 
 
@@ -257,6 +279,10 @@ def outcome(action: str, result: deploy.DeployResult) -> tuple[str, str]:
     # The stages a version went through; a rollback's message already names both versions.
     trail = f" ({' → '.join(stages)})" if stages and action != "rollback" else ""
     tests = result.system_tests
+    if tests is not None and not tests.passed and result.retry:
+        return "error", (f"{v}'s QA system tests could not judge it (the environment, not the "
+                         f"model): {tests.summary()}; it stays approved, use Retry QA once the "
+                         f"machine is less busy{trail}")
     if tests is not None and not tests.passed:
         return "error", (f"{v} did not pass its QA system tests and is now rejected: "
                          f"{tests.summary()}{trail}")

@@ -22,6 +22,7 @@ from evertune.web.render import page
 if TYPE_CHECKING:
     from evertune.web.deps import Console
 
+MAX_NEXT = 2048  # characters of the path to return to after sign-in
 _STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascript; charset=utf-8"}
 
 
@@ -82,7 +83,9 @@ def add_routes(router: APIRouter, c: Console) -> None:
 
 
 def _local(target: str) -> str:
-    """Only same-site paths after sign-in (an open redirect would help phishing)."""
-    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only same-site paths after sign-in (an open redirect would help phishing), of a sane
+    length (it becomes a Location header)."""
+    if (not target.startswith("/") or target.startswith("//") or "\\" in target
+            or len(target) > MAX_NEXT):
         return "/"
     return target

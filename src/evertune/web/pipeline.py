@@ -3,6 +3,7 @@ dataset versions with their rejected rows and token lengths.
 
     GET /runs               the newest runs, refreshed while any is unfinished
     GET /runs/{id}          DAG of the four steps (live), each step's outputs, log lines, error
+    POST /runs/{id}/retry   csrf: run a failed run again from its failed step → pipeline.retry_run
     GET /jobs               the newest fine-tuning jobs
     GET /jobs/{id}          loss and learning-rate curves, hyperparameters, events, checkpoints
     GET /datasets           dataset versions, newest first
@@ -23,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from evertune.auth import Principal
 from evertune.web.charts import Series, bar_chart, line_chart
-from evertune.web.render import page
+from evertune.web.render import back, page
+from evertune.web.session import check_form
 
 if TYPE_CHECKING:
     from evertune.data.store import DatasetVersion
@@ -70,9 +72,27 @@ def add_routes(router: APIRouter, c: Console) -> None:
         from evertune import pipeline
 
         run = pipeline.get_run(ws, run_id)
+        failed = run.status == "failed"
+        retried = pipeline.find_run(ws, pipeline.retry_id(run.id)) if failed else None
         return page(request, me, "run.html", title=f"Run {run.id}", run=run,
                     steps=[_step_view(s) for s in run.steps], trigger=_trigger_items(run),
-                    live=not run.finished)
+                    live=not run.finished, retried=retried,
+                    can_retry=run.status == "failed" and retried is None and me.can("runs"))
+
+    @router.post("/runs/{run_id}/retry")
+    def retry_run(
+        request: Request, run_id: str, csrf: str = Form(""),  # noqa: B008
+        me: Principal = Depends(c.signed_in),  # noqa: B008
+    ) -> RedirectResponse:
+        from evertune import pipeline
+
+        check_form(request, csrf, me, "runs")
+        try:
+            new_id = pipeline.retry_run(ws, run_id, actor=me.name)
+        except pipeline.PipelineError as exc:  # not failed: say why on the run's page
+            return back(request, "error", str(exc), to=f"/runs/{pipeline.get_run(ws, run_id).id}")
+        return back(request, "ok", f"run {new_id} retries {run_id}: the steps that succeeded "
+                    "are reused, the failed one runs again", to=f"/runs/{new_id}")
 
     @router.get("/jobs")
     def jobs_page(

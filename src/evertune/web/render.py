@@ -8,7 +8,13 @@ Templates live in `web/templates/`, extend `base.html`, and are autoescaped. `pa
 what every page needs: the caller (`me`, `can(permission)`), the CSRF token for forms
 (`csrf`), the pending flash message and the navigation. `ConsoleRoute` turns errors into
 pages: not signed in → redirect to /login, PermissionDenied → 403, NotFoundError → 404,
-other Evertune errors on a POST → back to the page with the message as a flash.
+other Evertune errors on a POST → back to the page with the message as a flash, a body that
+cannot be parsed (multipart without a boundary, a form field over Starlette's limit) → 400.
+
+Every console response carries `SECURITY_HEADERS`: no framing (X-Frame-Options DENY and CSP
+frame-ancestors 'none', against clickjacking an approve button) and a Content-Security-Policy
+that allows only the console's own static script and stylesheet: the templates have no inline
+script, style element or style attribute, so no nonce is needed.
 """
 
 from __future__ import annotations
@@ -26,8 +32,17 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
-from evertune.errors import EvertuneError, NotFoundError, PermissionDenied
+from evertune.errors import (
+    ConfigError,
+    DataError,
+    EvertuneError,
+    JobError,
+    LifecycleError,
+    NotFoundError,
+    PermissionDenied,
+)
 from evertune.web import session
 
 if TYPE_CHECKING:
@@ -36,6 +51,31 @@ if TYPE_CHECKING:
     from evertune.auth import Principal
 
 log = logging.getLogger("evertune.web")
+
+CSP = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",            # /static/console.js only: no inline script
+    "style-src 'self'",             # /static/console.css only: no inline style
+    "img-src 'self' data:",
+    "connect-src 'self'",           # console.js refreshes live parts from the same page
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "base-uri 'none'",
+])
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",  # for browsers without CSP frame-ancestors
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # `back()` reads our own Referer; others get none
+}
+# Evertune errors a GET can meet besides NotFound (a bad query, a job in the wrong state): their
+# status, as the API answers them; anything else is a server error.
+_GET_STATUS: list[tuple[type[EvertuneError], int, str]] = [
+    (LifecycleError, 409, "Conflict"),
+    (JobError, 409, "Conflict"),
+    (DataError, 400, "Bad request"),
+    (ConfigError, 400, "Bad request"),
+]
 
 NAV = [("/", "Overview"), ("/runs", "Runs"), ("/datasets", "Datasets"), ("/models", "Models"),
        ("/deployments", "Deployments"), ("/serving", "Serving")]
@@ -105,41 +145,57 @@ class ConsoleRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except session.NotSignedIn:
-                if request.method != "GET":
-                    return error_page(
-                        request, 401, "Not signed in", "Sign in with an API token, then try again."
-                    )
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-                return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
-            except PermissionDenied as exc:
-                return error_page(request, 403, "Not allowed", str(exc))
-            except NotFoundError as exc:
-                return error_page(request, 404, "Not found", str(exc))
-            except RequestValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
-                    for e in exc.errors()
-                )
-                if request.method == "POST":
-                    return back(request, "error", f"invalid form: {problems}")
-                return error_page(request, 400, "Bad request", problems)
-            except EvertuneError as exc:
-                if request.method == "POST":
-                    return back(request, "error", str(exc))
-                return error_page(request, 500, "Something went wrong", str(exc))
-            except Exception:  # noqa: BLE001 - a bug: keep the traceback in the log, show a page
-                log.exception(
-                    "unhandled error in the console (%s %s)", request.method, request.url.path
-                )
-                return error_page(
-                    request, 500, "Internal error",
-                    "An unexpected error happened; the server log has the details.",
-                )
+            response = await self._answer(handler, request)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
 
         return route
+
+    @staticmethod
+    async def _answer(
+        handler: Callable[[Request], Coroutine[Any, Any, Response]], request: Request
+    ) -> Response:
+        """The handler's response, or the page for the error it raised."""
+        try:
+            return await handler(request)
+        except session.NotSignedIn:
+            if request.method != "GET":
+                return error_page(
+                    request, 401, "Not signed in", "Sign in with an API token, then try again."
+                )
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        except PermissionDenied as exc:
+            return error_page(request, 403, "Not allowed", str(exc))
+        except NotFoundError as exc:
+            return error_page(request, 404, "Not found", str(exc))
+        except RequestValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}"
+                for e in exc.errors()
+            )
+            if request.method == "POST":
+                return back(request, "error", f"invalid form: {problems}")
+            return error_page(request, 400, "Bad request", problems)
+        except HTTPException as exc:
+            # Starlette's body parsing: a multipart form without a boundary, a field over
+            # its size limit. The request never reached the route: nothing happened.
+            return error_page(request, exc.status_code, "Bad request", str(exc.detail))
+        except EvertuneError as exc:
+            if request.method == "POST":
+                return back(request, "error", str(exc))
+            status, title = next(((s, t) for cls, s, t in _GET_STATUS if isinstance(exc, cls)),
+                                 (500, "Something went wrong"))
+            return error_page(request, status, title, str(exc))
+        except Exception:  # noqa: BLE001 - a bug: keep the traceback in the log, show a page
+            log.exception(
+                "unhandled error in the console (%s %s)", request.method, request.url.path
+            )
+            return error_page(
+                request, 500, "Internal error",
+                "An unexpected error happened; the server log has the details.",
+            )
 
 
 def error_page(request: Request, status: int, title: str, message: str) -> HTMLResponse:

@@ -17,7 +17,7 @@ are divided by the sample share to estimate what was served; error rates and lat
 percentiles are taken from the sample as is (a uniform sample estimates them unbiased). The
 share is today's setting: a window that spans a change of it is estimated with the new one.
 
-Feedback comes from the landing bucket's `feedback/<UTC date>/<response id>.jsonl` objects
+Feedback comes from the landing bucket's `feedback/<UTC date>/<response id>.<sender>.jsonl` objects
 (`evertune.monitoring.feedback`), day folders newest first, stopping after FEEDBACK_LIMIT
 records or FEEDBACK_DAYS days, so an S3 bucket costs a few LIST calls, not a full listing.
 """
@@ -346,8 +346,9 @@ def recent_feedback(
     """The newest `limit` feedback records, newest first, from the last `days` day folders.
 
     Each: {"key", "created_at", "label", "rating", "version", "response_id", "correction",
-    "original", "comment", "prompt"}. An object changes version when it is rewritten (rating
-    the same answer again), so parsed records are cached by (key, version).
+    "original", "comment", "prompt", "sender", "verified", "reason"}. An object changes version
+    when it is rewritten (its sender rating the same answer again), so parsed records are
+    cached by (key, version).
     """
     bucket = _bucket(ws)
     today = dt.datetime.fromtimestamp(time.time() if now is None else now, tz=dt.UTC).date()
@@ -383,7 +384,8 @@ def _feedback_row(key: str, data: bytes) -> dict[str, Any]:
         # Written by hand or cut short: show that it is there rather than failing the page.
         return {"key": key, "created_at": None, "label": "unreadable", "rating": None,
                 "version": None, "response_id": None, "correction": None, "original": None,
-                "comment": None, "prompt": ""}
+                "comment": None, "prompt": "", "sender": None, "verified": False,
+                "reason": "unreadable"}
     if "messages" in record:
         messages = record["messages"]
         answer = messages[-1].get("content") if messages else None
@@ -403,6 +405,11 @@ def _feedback_row(key: str, data: bytes) -> dict[str, Any]:
         "original": short_text(meta.get("original") if corrected else answer),
         "comment": meta.get("comment"),
         "prompt": prompt,
+        # Who sent it, and whether it is trained on by default: only feedback from the caller
+        # who received the response is verified (`evertune.monitoring.feedback`).
+        "sender": meta.get("sender"),
+        "verified": meta.get("verified") is True,
+        "reason": meta.get("reason"),
     }
 
 
