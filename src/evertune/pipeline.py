@@ -1077,6 +1077,8 @@ def model_evaluation(run_id: str, trigger: dict[str, Any], tuned: dict[str, Any]
     if (reused := _reused(ws, run_id, trigger, "ModelEvaluation")) is not None:
         return reused
     with _recorded(ws, run_id, "ModelEvaluation") as ctx:
+        _job_event(ws, tuned["job"], "Evaluating the fine-tuned model against PROD and the "
+                   "base model")
         _test_pause(ctx, "work")
 
         def progress(label: str, done: int, total: int) -> None:
@@ -1113,9 +1115,17 @@ def register_model(
 
     ws = _run_ws(trigger)
     with _recorded(ws, run_id, "RegisterModel") as ctx:
+        _job_event(ws, tuned["job"], "Registering the fine-tuned model")
         _test_pause(ctx, "work")
         report = load_report(ws.evals_dir / evaluated["report"] / "report.json")
         mv = steps.register(ws, get_job(ws, tuned["job"]), report)
+        name = f"{mv.name}@v{mv.version}"
+        if mv.gate == "fail":
+            _job_event(ws, tuned["job"], f"Registered as {name}, rejected by the quality gate "
+                       f"({'; '.join(mv.gate_reasons[:3])}): it can be called to inspect it, "
+                       "but is never deployed without an admin's override", "warn")
+        else:
+            _job_event(ws, tuned["job"], f"Registered as {name}, pending approval")
         ctx.outputs.update(
             version=mv.version,
             approval_status=mv.approval_status,
@@ -1126,6 +1136,14 @@ def register_model(
         ctx.log(f"registered {mv.name} v{mv.version}: {mv.approval_status} (gate {mv.gate})")
         _test_pause(ctx, "after")
         return dict(ctx.outputs)
+
+
+def _job_event(ws: Workspace, job_id: str, message: str, level: str = "info") -> None:
+    from evertune.training.jobs import record_event
+
+    # The OpenAI job stays `running` until its version is registered (api/fine_tuning.py):
+    # these events say what it is doing meanwhile.
+    record_event(ws, job_id, message, level)  # type: ignore[arg-type]
 
 
 @DBOS.step(name="RunStarted")

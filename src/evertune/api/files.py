@@ -13,6 +13,7 @@ person fixes the file before a run is ever started.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
     from evertune.workspace import Workspace
 
 FILES_DIR = "files"  # under ws.state_dir
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune",)  # what clients may upload
+RESULTS_PURPOSE = "fine-tune-results"  # what Evertune writes: a job's evaluation report
 MAX_SHOWN_PROBLEMS = 10  # rows listed in a refusal; the count says how many more
 _CHUNK = 1 << 20
 _ID = re.compile(r"file-[0-9a-f]{24}")
@@ -156,6 +158,33 @@ def file_path(ws: Workspace, file_id: str) -> Path:
     """The stored copy of an uploaded file."""
     obj = get_file(ws, file_id)
     return _folder(ws, file_id) / obj.filename
+
+
+def result_file(ws: Workspace, source: Path, filename: str) -> FileObject:
+    """`source` (a job's evaluation report, say) as a downloadable file of purpose
+    `fine-tune-results`, as the OpenAI API lists in a job's `result_files`.
+
+    The id is derived from `filename`, so asking again returns the same file; the copy is
+    written to a temporary folder and renamed, so two callers at once see one whole file.
+    """
+    file_id = "file-" + hashlib.sha256(filename.encode()).hexdigest()[:24]
+    folder = ws.state_dir / FILES_DIR / file_id
+    if not (folder / "meta.json").is_file():
+        tmp = folder.with_name(f".{file_id}-{secrets.token_hex(4)}")
+        tmp.mkdir(parents=True)
+        try:
+            shutil.copyfile(source, tmp / filename)
+            obj = FileObject(id=file_id, bytes=(tmp / filename).stat().st_size,
+                             created_at=int(time.time()), filename=filename,
+                             purpose=RESULTS_PURPOSE)
+            (tmp / "meta.json").write_text(obj.model_dump_json(), "utf-8")
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():  # not another caller's copy: a real error
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return get_file(ws, file_id)
 
 
 def list_files(ws: Workspace) -> list[FileObject]:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evertune.api import files as file_store
@@ -40,6 +41,7 @@ from evertune.auth import Principal
 from evertune.errors import ConfigError, DataError, EvertuneError
 
 if TYPE_CHECKING:
+    from evertune.registry import ModelVersion
     from evertune.training.jobs import Job
     from evertune.workspace import Workspace
 
@@ -127,6 +129,20 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
     ) -> ListPage:
         objs = [o for o in file_store.list_files(ws) if purpose is None or o.purpose == purpose]
         return ListPage(data=[o.model_dump() for o in objs])
+
+    @router.get(
+        "/files/{file_id}/content",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/octet-stream": {}},
+                         "description": "The file's bytes"}},
+    )
+    def file_content(
+        file_id: str, _: Principal = Depends(needs("read"))  # noqa: B008
+    ) -> FileResponse:
+        """The stored bytes of an uploaded file or of a job's result file (its evaluation
+        report): `client.files.content(file_id)`."""
+        path = file_store.file_path(ws, file_id)
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
     @router.get("/files/{file_id}", response_model=file_store.FileObject)
     def retrieve_file(
@@ -354,14 +370,25 @@ def _pick_dataset(versions: Sequence[Any], method: str, file_id: str) -> Any:
                    param="training_file", code="invalid_file")
 
 
-def _versions_by_job(ws: Workspace) -> dict[str, int]:
+def _versions_by_job(ws: Workspace) -> dict[str, ModelVersion]:
     from evertune.registry import Registry
 
-    return {mv.job: mv.version for mv in Registry(ws).list_versions() if mv.job}
+    return {mv.job: mv for mv in Registry(ws).list_versions() if mv.job}
 
 
-def _job_out(ws: Workspace, job: Job, versions: dict[str, int] | None = None) -> dict[str, Any]:
-    """The OpenAI job object; `fine_tuned_model` is the serving name once registered."""
+def _job_out(
+    ws: Workspace, job: Job, versions: dict[str, ModelVersion] | None = None
+) -> dict[str, Any]:
+    """The OpenAI job object.
+
+    As in the hosted API, `succeeded` means `fine_tuned_model` can be called: a job whose
+    training finished stays `running` while its run evaluates and registers it (its events
+    say so), then turns `succeeded` with `fine_tuned_model` (`NAME@vN`) and `result_files`
+    (the evaluation report) in the same answer. A version the quality gate rejected is still
+    `succeeded` and callable, marked in the `evertune` field (`gate: fail`, the reasons) and
+    in a warning event; it is never deployed without an admin's override. A run that fails
+    after training makes the job `failed` with the run's error.
+    """
     out = job.to_openai()
     out["fine_tuned_model"] = None
     # "auto" resolved: the multiplier that gave the job's learning rate (the record keeps only
@@ -370,17 +397,53 @@ def _job_out(ws: Workspace, job: Job, versions: dict[str, int] | None = None) ->
     if isinstance(rate, (int, float)):
         out["hyperparameters"]["learning_rate_multiplier"] = float(
             f"{rate / ws.config.train.learning_rate:.6g}")
-    if job.status == "succeeded":
-        if versions is None:
-            from evertune.registry import Registry
+    if job.status != "succeeded":
+        return out
+    if versions is None:
+        from evertune.registry import Registry
 
-            mv = Registry(ws).find_by_job(job.id)
-            number = mv.version if mv else None
-        else:
-            number = versions.get(job.id)
-        if number is not None:
-            out["fine_tuned_model"] = f"{ws.config.model.name}@v{number}"
+        mv = Registry(ws).find_by_job(job.id)
+    else:
+        mv = versions.get(job.id)
+    if mv is not None:
+        out["fine_tuned_model"] = f"{mv.name}@v{mv.version}"
+        out["finished_at"] = max(out["finished_at"] or 0, int(mv.created_at)) or None
+        out["result_files"] = _result_files(ws, mv)
+        out["evertune"] = {
+            "version": mv.version, "stage": mv.stage.value,
+            "approval_status": mv.approval_status, "gate": mv.gate,
+            "gate_reasons": list(mv.gate_reasons), "eval_report": mv.eval_report,
+        }
+        return out
+    from evertune import pipeline
+
+    run = pipeline.find_run(ws, job.run_id) if job.run_id else None
+    if run is None:
+        return out  # trained outside a pipeline run: nothing more will happen to it
+    if run.status == "failed":
+        failed = next((s.name for s in run.steps if s.status == "failed"), "a step")
+        out["status"] = "failed"
+        out["error"] = {
+            "code": "run_failed",
+            "message": f"training finished, but run {run.id} failed in {failed}: "
+                       f"{run.error or 'see its log'}; `evertune runs retry {run.id}` "
+                       "resumes it without training again",
+            "param": None,
+        }
+    else:
+        out["status"] = "running"  # evaluating and registering; see the job's events
+        out["finished_at"] = None
     return out
+
+
+def _result_files(ws: Workspace, mv: ModelVersion) -> list[str]:
+    """The version's evaluation report as a downloadable file id (none without a report)."""
+    if not mv.eval_report:
+        return []
+    report = ws.evals_dir / mv.eval_report / "report.json"
+    if not report.is_file():
+        return []
+    return [file_store.result_file(ws, report, f"{mv.eval_report}.json").id]
 
 
 def _page(items: Sequence[Any], after: str | None, limit: int, what: str) -> tuple[list[Any], bool]:
