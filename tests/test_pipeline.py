@@ -10,6 +10,7 @@ The kill -9 tests are in tests/e2e/test_crash_recovery.py.
 from __future__ import annotations
 
 import json
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -299,6 +300,8 @@ def test_runtime_and_trigger_errors(workspace: Workspace) -> None:
         pipeline.run_id_for({"source": "bucket", "bucket": "b", "key": "k"})
     pipeline.launch(workspace, warm=False)
     try:
+        # DBOS's system DB holds every run's trigger and step outputs: private to its owner.
+        assert stat.S_IMODE((workspace.state_dir / "dbos.db").stat().st_mode) == 0o600
         pipeline.launch(workspace, warm=False)  # idempotent for the same workspace
         with pytest.raises(pipeline.PipelineError, match="unknown"):
             pipeline.start_run(workspace, {"source": "ftp"})

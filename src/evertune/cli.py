@@ -969,7 +969,10 @@ def up(
     """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
     from evertune.locks import WorkspaceLock
+    from evertune.serving.keys import require_keys_off_loopback
 
+    # Refused before anything starts or is printed (server.run checks again for other callers).
+    require_keys_off_loopback(ws, host or ws.config.server.host)
     # One `up` per workspace: two would both run the pipeline and the watcher. Taken before the
     # heavy imports so a second `up` is refused at once, naming the process that holds it.
     lock = WorkspaceLock(ws, "evertune up", on_lost=_stop_this_process).acquire()
@@ -1027,8 +1030,10 @@ def serve(
         )
     _quiet_libraries()
     from evertune import server
+    from evertune.serving.keys import require_keys_off_loopback
 
     h, p = host or ws.config.server.host, port or ws.config.server.port
+    require_keys_off_loopback(ws, h)  # before the banner: nothing starts on a refused address
     console.print(f"Evertune serve ({', '.join(stage)}): http://{h}:{p}/v1  (Ctrl-C stops)")
     server.run(ws, host=h, port=p, control=False, stages=tuple(stage))
 

@@ -499,6 +499,9 @@ def launch(ws: Workspace, *, warm: bool = True) -> None:
             )
         _engine(ws)  # create our tables before any workflow (a recovered one) writes to them
         ws.state_dir.mkdir(parents=True, exist_ok=True)
+        if system_database_url(ws).startswith("sqlite"):
+            # DBOS's system DB holds every run's trigger and step outputs: not for other users.
+            db.create_private(ws.state_dir / "dbos.db", "the pipeline's system database")
         DBOS(
             config={
                 "name": "evertune",

@@ -12,7 +12,8 @@ Layout (embedded defaults; each store can move to a real engine through config):
         state.db                jobs, events, metrics, checkpoints, tokens, the workspace
                                 lock of `evertune up` (SQLite, mode 0600)
         token                   the admin token for the local CLI (mode 0600)
-        models/                 base-model cache (the packaged default converted once)
+        models/                 hub downloads (the packaged default is converted once per
+                                machine: models.model_cache_dir())
         datasets/<id>/          content-addressed dataset versions
         jobs/<ftjob-id>/        job folders: checkpoints, logs, the result adapter
         evals/<id>/             evaluation reports

@@ -178,6 +178,8 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         (`evertune runs retry`); answers the new run (id `<run id>-retry<N>`), queued."""
         from evertune import pipeline
 
+        if pipeline.find_run(ws, pipeline.retry_id(run_id)) is None:
+            check_run_capacity(ws)  # a new run; asking again for one made is never refused
         try:
             new_id = pipeline.retry_run(ws, run_id, actor=me.name)
         except pipeline.PipelineError as exc:  # not failed (yet): a conflict, not a fault
