@@ -181,3 +181,28 @@ def test_feedback_on_an_unknown_response_needs_its_prompt(
     ]:
         resp = client.post("/v1/feedback", json=body)
         assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+def test_a_later_rating_of_the_same_answer_supersedes_the_earlier_one(tmp_path: Path) -> None:
+    # A user who rated an answer up, and down the next day, changed their mind: only the newest
+    # record of that (response, sender) trains; another sender's record of it is untouched.
+    from evertune.bucket import Bucket
+    from evertune.monitoring.feedback import collect_feedback, feedback_key
+
+    ws, _ = Workspace.init(tmp_path / "ws")
+    bucket = Bucket.for_workspace(ws)
+
+    def put(when: float, sender: str, completion: str) -> None:
+        record = {"prompt": "Hi", "completion": completion,
+                  "feedback": {"verified": True, "sender": sender}}
+        key = feedback_key("chatcmpl-abc", when=when, sender=sender)
+        bucket.write_bytes(key, (json.dumps(record) + "\n").encode())
+
+    day = 86_400.0
+    put(10 * day, "ana", "first opinion")
+    put(11 * day, "ana", "second opinion")
+    put(10 * day, "bob", "bob's opinion")
+    dest = tmp_path / "feedback.jsonl"
+    assert collect_feedback(ws, dest) == 2
+    text = dest.read_text()
+    assert "second opinion" in text and "bob's opinion" in text and "first opinion" not in text

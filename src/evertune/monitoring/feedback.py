@@ -201,7 +201,8 @@ def build_record(
 def feedback_key(response_id: str, when: float | None = None, sender: str = ANONYMOUS) -> str:
     """`feedback/<UTC date>/<response id>.<sender>.jsonl` (ValueError for an id that cannot
     name one). The sender is part of the key so one caller's feedback never replaces
-    another's; the same sender's repeat on the same day replaces its own."""
+    another's; the same sender's repeat on the same day replaces its own, and on a later day
+    supersedes it (`collect_feedback` keeps the newest)."""
     check_response_id(response_id)
     day = dt.datetime.fromtimestamp(when or time.time(), tz=dt.UTC).date().isoformat()
     return f"{FEEDBACK_PREFIX}{day}/{response_id}.{sender_slug(sender)}.jsonl"
@@ -265,6 +266,10 @@ def collect_feedback(ws: Workspace, dest: Path, trust_unverified: bool | None = 
         trust_unverified = ws.config.data.trust_unverified_feedback
     bucket = Bucket.for_workspace(ws)
     objects = [o for o in bucket.list(FEEDBACK_PREFIX) if o.key.endswith(".jsonl")]
+    # One record per response and sender: a sender who rates the same answer again on a later
+    # day changed their mind, so only the newest day's object counts (keys sort by day).
+    newest = {o.key.rsplit("/", 1)[-1]: o for o in sorted(objects, key=lambda o: o.key)}
+    objects = sorted(newest.values(), key=lambda o: o.key)
     chunks: list[bytes] = []
     skipped = 0
     for obj in objects:
