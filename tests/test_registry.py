@@ -214,6 +214,35 @@ def test_failed_gate_registers_rejected_with_reasons(reg: Registry, adapter: Pat
     assert rec.to_stage == "rejected" and rec.reason == reasons[0]
 
 
+@pytest.mark.parametrize(("policy", "stage", "gate"), [
+    ("review", Stage.PENDING, "inconclusive"),
+    ("pass", Stage.PENDING, "pass"),
+    ("fail", Stage.REJECTED, "fail"),
+])
+def test_gate_on_inconclusive_decides_the_registered_stage(
+    reg: Registry, adapter: Path, policy: str, stage: Stage, gate: str
+) -> None:
+    """Issue 11: a golden split whose interval straddles the margin is not a rejection unless
+    gate.on_inconclusive says so; under review the warning is on the version."""
+    from evertune.evaluation.evaluate import gate_verdict
+
+    notes: list[str] = []
+    reasons = ["golden: exact_match: candidate 0.925 vs reference 0.925, 98.75% CI of "
+               "difference [-0.0934, +0.0934] straddles the non-inferiority margin -0.02: "
+               "inconclusive; the observed mean ... about 2860 paired examples (now 40)"]
+    report = {"id": f"eval-{policy}", "verdict": gate_verdict(["pass", "inconclusive"], policy,
+                                                              notes),
+              "reasons": reasons, "splits": {}}
+    mv = reg.register_version(make_job(f"ftjob-inc-{policy}", adapter), report, HISTORY)
+    assert (mv.stage, mv.gate) == (stage, gate)
+    assert mv.gate_reasons == reasons
+    (rec,) = reg.audit_log(mv.version)
+    if gate == "inconclusive":
+        assert mv.approval_status == "PendingManualApproval"
+        assert "inconclusive" in rec.reason and "2860 paired examples" in rec.reason
+        assert "Quality gate: inconclusive." in (mv.description or "")
+
+
 def test_report_as_a_model_dump_dict_and_lineage_with_a_parent(
     reg: Registry, adapter: Path
 ) -> None:

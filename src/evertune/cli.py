@@ -330,7 +330,8 @@ def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> 
         report = steps.evaluate(ws, job, progress=bar)
     print_report(report, console)
     version = steps.register(ws, job, report)
-    colour = "green" if version.approval_status == "PendingManualApproval" else "red"
+    colour = ("yellow" if version.gate == "inconclusive" else
+              "green" if version.approval_status == "PendingManualApproval" else "red")
     console.print(
         f"Registered [bold]{ws.config.model.name} v{version.version}[/] — approval status "
         f"[{colour}]{version.approval_status}[/] (gate {version.gate}). "
@@ -534,6 +535,10 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
                       f"targets={','.join(lora.get('target_modules') or [])}")
         t.add_row("max_seq_len", str(f.get("max_seq_len", "-")))
     console.print(t)
+    if v.gate == "inconclusive":
+        console.print("[yellow]gate inconclusive[/]: too few examples to tell; review it:")
+        for reason in v.gate_reasons:
+            console.print(f"  - {reason}", highlight=False, markup=False)
     if v.metrics:
         m = Table(title="metrics", title_justify="left")
         m.add_column("metric")

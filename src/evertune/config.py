@@ -141,6 +141,10 @@ class GateArgs(_Args):
     confidence: float = Field(0.95, gt=0.5, lt=1)
     bootstrap_samples: int = Field(2000, ge=100)
     seed: int = 0
+    on_inconclusive: Literal["review", "pass", "fail"] = "review"
+    """What an inconclusive verdict (the interval straddles a margin: too few examples to tell)
+    does: review registers the version pending approval with the warning shown; pass treats it
+    as a pass (the warning is kept as a note); fail rejects it."""
     rules: list[GateRule] = [
         GateRule(metric="rougeL", non_inferiority_margin=0.02),
         GateRule(metric="embedding_cosine", non_inferiority_margin=0.02),

@@ -22,7 +22,8 @@ path that moves a version (CLI, control API, deploy, pipeline) obeys the same ru
               └──▶ approved   only with an admin override (`evertune approve N --force`,
                               role admin)
 
-A version registered after a failed quality gate starts in `rejected` (`initial_stage`); an
+A version registered after a failed quality gate starts in `rejected` (`initial_stage`), one
+whose gate was inconclusive (too few examples to tell) in `pending` with the warning; an
 admin may still approve it, on purpose and on the record. Each stage maps to the MLflow tag
 `approval_status` that the architecture names (`PendingManualApproval` | `Approved` |
 `Rejected`); the finer-grained state is kept in the `stage` tag.
@@ -110,7 +111,9 @@ def stage_from_status(status: str | None) -> Stage:
 
 
 def initial_stage(gate_verdict: str | None) -> Stage:
-    """The stage a new version is registered in: `rejected` when the quality gate failed."""
+    """The stage a new version is registered in: `rejected` when the quality gate failed;
+    `pending` otherwise, including an `inconclusive` gate (gate.on_inconclusive=review: a
+    person decides, with the gate's warning in the version's gate_reasons)."""
     return Stage.REJECTED if gate_verdict == "fail" else Stage.PENDING
 
 

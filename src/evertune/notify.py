@@ -81,7 +81,7 @@ def summary(event: dict[str, Any]) -> str:
             f"Evertune: {model} v{event.get('version')} registered "
             f"({event.get('approval_status')}, gate {gate}) by run {event.get('run_id')}"
         )
-        if gate == "fail" and event.get("gate_reasons"):
+        if gate in ("fail", "inconclusive") and event.get("gate_reasons"):
             text += f": {'; '.join(event['gate_reasons'][:3])}"
         return text
     if kind == "run.failed":

@@ -1127,6 +1127,10 @@ def register_model(
             _job_event(ws, tuned["job"], f"Registered as {name}, rejected by the quality gate "
                        f"({'; '.join(mv.gate_reasons[:3])}): it can be called to inspect it, "
                        "but is never deployed without an admin's override", "warn")
+        elif mv.gate == "inconclusive":
+            _job_event(ws, tuned["job"], f"Registered as {name}, pending approval; the quality "
+                       f"gate was inconclusive ({'; '.join(mv.gate_reasons[:3])}): a person "
+                       "should review it", "warn")
         else:
             _job_event(ws, tuned["job"], f"Registered as {name}, pending approval")
         ctx.outputs.update(

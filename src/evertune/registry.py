@@ -18,8 +18,9 @@ server at scale). One MLflow experiment and one registered model per workspace m
   `eval/report.json`, `config.json`;
 - a model version whose source is the run's `adapter/` artifact, with tags `approval_status`
   (PendingManualApproval | Approved | Rejected), `stage` (lifecycle.Stage), `gate`
-  (pass | fail | skipped), `gate_reasons`, `eval_report`, `dataset`, `job`, `base_model`,
-  `parent_version`, `pipeline_run`, `metrics` (JSON of the candidate's means, final losses).
+  (pass | fail | inconclusive | skipped), `gate_reasons`, `eval_report`, `dataset`, `job`,
+  `base_model`, `parent_version`, `pipeline_run`, `metrics` (JSON of the candidate's means,
+  final losses).
 
 The aliases `qa` and `prod` are the stage pointers serving follows; only `transition` moves
 them, so they always agree with the `stage` tags. Every registration and transition is also a
@@ -494,7 +495,9 @@ class Registry:
             None,
             stage,
             actor,
-            "; ".join(reasons) if verdict == "fail" else "registered",
+            "; ".join(reasons) if verdict == "fail"
+            else "registered; gate inconclusive, needs review: " + "; ".join(reasons)
+            if verdict == "inconclusive" else "registered",
             {"job": job_id, "gate": verdict or "skipped"},
         )
         return self.get_version(version)

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from evertune.errors import ConfigError
 from evertune.evaluation import ModelRef, evaluate_candidate, load_report, print_report
+from evertune.evaluation.evaluate import gate_verdict
 from evertune.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -90,8 +91,13 @@ def test_evaluate_candidate_writes_a_gated_report(
     # The gate ran the configured rules on both splits; reasons name split and metric.
     assert [r.metric for r in test.gate.rules] == [r.metric for r in ws.config.gate.rules]
     assert all(r.ci_low <= r.difference <= r.ci_high for r in test.gate.rules)
-    both_pass = test.gate.verdict == golden.gate.verdict == "pass"
-    assert report.verdict == ("pass" if both_pass else "fail")
+    verdicts = {test.gate.verdict, golden.gate.verdict}
+    assert report.verdict == ("fail" if "fail" in verdicts else
+                              "inconclusive" if "inconclusive" in verdicts else "pass")
+    # Bonferroni over every rule on both splits, stated in each split's gate.
+    k = 2 * len(ws.config.gate.rules)
+    assert test.gate.comparisons == golden.gate.comparisons == k
+    assert test.gate.correction.startswith(f"Bonferroni over {k} comparisons")
     assert len(report.reasons) == len(test.gate.reasons) + len(golden.gate.reasons)
     assert all(r.startswith("golden: ") for r in report.reasons[len(test.gate.reasons):])
     assert len(test.worst_regressions) <= 10
@@ -180,3 +186,16 @@ def test_every_record_format_becomes_an_example(tiny_model: Path) -> None:
     assert (pref.input, pref.expected, pref.generative) == ("Say hi", "Hi!", True)
     text = _item({"text": "Some document."}, tok)
     assert (text.prompt, text.expected, text.generative) == ("", "Some document.", False)
+
+
+@pytest.mark.parametrize(("policy", "expected"), [
+    ("review", "inconclusive"), ("pass", "pass"), ("fail", "fail"),
+])
+def test_gate_on_inconclusive_decides_the_report_verdict(policy: str, expected: str) -> None:
+    notes: list[str] = []
+    assert gate_verdict(["pass", "inconclusive"], policy, notes) == expected
+    assert len(notes) == 1 and f"gate.on_inconclusive={policy}" in notes[0]
+    # A failed split fails whatever the policy; all passing splits pass, with no note.
+    assert gate_verdict(["inconclusive", "fail"], policy, []) == "fail"
+    quiet: list[str] = []
+    assert gate_verdict(["pass", "pass"], policy, quiet) == "pass" and not quiet

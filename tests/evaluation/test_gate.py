@@ -7,7 +7,12 @@ import pytest
 
 from evertune.config import GateRule
 from evertune.errors import ConfigError
-from evertune.evaluation.gate import paired_bootstrap_ci, run_gate
+from evertune.evaluation.gate import (
+    examples_needed,
+    paired_binary_ci,
+    paired_bootstrap_ci,
+    run_gate,
+)
 
 N = 60
 
@@ -148,3 +153,140 @@ def test_non_finite_pairs_are_left_out_and_no_rules_pass() -> None:
 def test_misaligned_scores_are_a_programming_error() -> None:
     with pytest.raises(ValueError, match="same examples"):
         run_gate({"x": [1.0, 2.0]}, {"x": [1.0]}, [GateRule(metric="x", threshold=0)])
+
+
+# -- issue 11: three outcomes, exact tests for 0/1 metrics, multiplicity, examples needed ------
+def issue_case(flips: dict[int, float]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The issue's golden set rebuilt: 40 examples, the reference right on 37 (0.925); the
+    candidate gives identical outputs except at `flips` (index -> its exact_match there)."""
+    ref_em = [1.0] * 37 + [0.0] * 3
+    ref_rouge = [0.97] * 37 + [0.4] * 3
+    cand_em, cand_rouge = list(ref_em), list(ref_rouge)
+    for i, value in flips.items():
+        cand_em[i] = value
+        cand_rouge[i] = 1.0 if value else 0.4  # a right answer scores 1, a wrong one 0.4
+    return ({"exact_match": cand_em, "rougeL": cand_rouge},
+            {"exact_match": ref_em, "rougeL": ref_rouge})
+
+
+ISSUE_RULES = [GateRule(metric="exact_match", non_inferiority_margin=0.02),
+               GateRule(metric="rougeL", non_inferiority_margin=0.02)]
+
+
+@pytest.mark.parametrize("flips", [
+    {0: 0.0, 1: 0.0, 37: 1.0, 38: 1.0},  # the issue's case: 0.925 vs 0.925, two each way
+    {0: 0.0, 37: 1.0, 38: 1.0},  # three flips, two better and one worse
+])
+def test_a_candidate_as_good_on_40_examples_is_inconclusive_not_fail(
+    flips: dict[int, float],
+) -> None:
+    cand, ref = issue_case(flips)
+    result = run_gate(cand, ref, ISSUE_RULES, comparisons=4)  # 2 rules x (test, golden)
+    assert result.verdict == "inconclusive"  # the old gate said "fail"
+    em = result.rule("exact_match")
+    assert em is not None and em.outcome == "inconclusive"
+    assert em.method.startswith("exact McNemar") and em.p_value is not None and em.p_value > 0.5
+    assert em.ci_low < -0.02 < em.ci_high  # straddles the margin: neither shown
+    for rule in result.rules:
+        (check,) = rule.checks
+        assert check.outcome != "fail"
+    # What would settle it is said: examples needed at the observed variance (or that none
+    # would, when the observed mean is past the margin).
+    assert all("inconclusive;" in r and ("paired examples (now 40)" in r or "no number" in r)
+               for r in result.reasons)
+    needed = [c.examples_needed for r in result.rules for c in r.checks]
+    assert any(n is not None and n > 40 for n in needed)
+    assert result.correction.startswith("Bonferroni over 4 comparisons")
+    assert "98.75%" in result.reasons[0]
+
+
+def test_identical_outputs_pass_and_clear_changes_are_shown() -> None:
+    same = run_gate(*issue_case({}), ISSUE_RULES, comparisons=4)
+    assert same.verdict == "pass"
+    em = same.rule("exact_match")
+    assert em is not None and (em.ci_low, em.ci_high) == (0.0, 0.0)
+
+    # A clear regression: the candidate loses 10 of the reference's right answers.
+    worse = run_gate(*issue_case({i: 0.0 for i in range(10)}), ISSUE_RULES, comparisons=4)
+    assert worse.verdict == "fail"
+    em = worse.rule("exact_match")
+    assert em is not None and em.outcome == "fail" and em.p_value is not None
+    assert em.p_value < 0.01 and em.ci_high < -0.02
+    assert "is below the non-inferiority margin -0.02" in worse.reasons[0]
+
+    # A clear improvement: 40 examples, the reference right on 20, the candidate on those
+    # and 12 more (a judge-preference-like 0/1 metric, then a min_absolute_change rule).
+    ref = [1.0] * 20 + [0.0] * 20
+    cand = [1.0] * 32 + [0.0] * 8
+    rules = [GateRule(metric="preferred", non_inferiority_margin=0.02),
+             GateRule(metric="preferred", min_absolute_change=0.05)]
+    better = run_gate({"preferred": cand}, {"preferred": ref}, rules)
+    assert better.verdict == "pass", better.reasons
+    assert all(r.method.startswith("exact McNemar") for r in better.rules)
+
+
+def test_min_change_rule_is_inconclusive_when_the_interval_straddles_it() -> None:
+    ref = scores(0.40, seed=1)
+    rule = GateRule(metric="rougeL", min_absolute_change=0.02)
+    # +0.03 on average with noise: the interval straddles +0.02, neither shown nor refuted.
+    cand = [r + 0.03 + e for r, e in zip(ref, scores(0.0, noise=0.1, seed=9), strict=True)]
+    result = run_gate({"rougeL": cand}, {"rougeL": ref}, [rule], bootstrap_samples=500)
+    assert result.verdict == "inconclusive"
+    (check,) = result.rules[0].checks
+    assert check.examples_needed is not None and check.outcome == "inconclusive"
+
+
+def test_bonferroni_widens_each_interval_with_more_comparisons() -> None:
+    cand, ref = scores(0.5, seed=1), scores(0.45, seed=2)
+    rule = GateRule(metric="rougeL", non_inferiority_margin=0.02)
+    one = run_gate({"rougeL": cand}, {"rougeL": ref}, [rule], bootstrap_samples=500)
+    six = run_gate({"rougeL": cand}, {"rougeL": ref}, [rule], bootstrap_samples=500,
+                   comparisons=6)
+    assert one.correction.startswith("none") and "Bonferroni over 6" in six.correction
+    a, b = one.rules[0], six.rules[0]
+    assert a.ci_low is not None and b.ci_low is not None and a.ci_high is not None
+    assert b.ci_high is not None and b.ci_low < a.ci_low and b.ci_high > a.ci_high
+
+
+def test_examples_needed_grows_as_the_margin_shrinks_and_is_none_past_it() -> None:
+    wide = examples_needed(0.0, 0.2, -0.05, confidence=0.95)
+    narrow = examples_needed(0.0, 0.2, -0.02, confidence=0.95)
+    assert wide is not None and narrow is not None and narrow > wide
+    # ((1.96 + 0.84) * 0.2 / 0.02)^2 ≈ 785
+    assert narrow == pytest.approx(785, rel=0.01)
+    assert examples_needed(-0.03, 0.2, -0.02, confidence=0.95) is None
+
+
+def test_paired_binary_ci_matches_the_exact_mcnemar_test() -> None:
+    # 9 discordant pairs, all for the candidate: exact p = 2 * 0.5**9.
+    cand = [1.0] * 9 + [1.0] * 21 + [0.0] * 10
+    ref = [0.0] * 9 + [1.0] * 21 + [0.0] * 10
+    diff, low, high, p = paired_binary_ci(cand, ref, confidence=0.95)
+    assert diff == pytest.approx(9 / 40) and p == pytest.approx(2 * 0.5**9)
+    assert 0 < low < diff <= high <= 9 / 40
+
+
+def test_the_console_report_shows_an_inconclusive_verdict_and_the_examples_needed() -> None:
+    from rich.console import Console
+
+    from evertune.evaluation.report import EvalReport, ModelRef, SplitReport, print_report
+
+    cand, ref = issue_case({0: 0.0, 1: 0.0, 37: 1.0, 38: 1.0})
+    gate = run_gate(cand, ref, ISSUE_RULES, comparisons=2)
+    means = {"candidate": {m: float(np.mean(v)) for m, v in cand.items()},
+             "reference": {m: float(np.mean(v)) for m, v in ref.items()}}
+    split = SplitReport(name="golden", source="golden.jsonl", n_examples=40, means=means,
+                        gate=gate, regression_metric=None, worst_regressions=[], rows=[])
+    report = EvalReport(
+        id="eval-x", created_at=0.0, duration_s=1.0, dataset="ds-1", dataset_kind="chat",
+        golden_set="golden.jsonl",
+        models={"candidate": ModelRef("candidate"), "reference": ModelRef("prod v1")},
+        reference_role="reference", metrics=list(cand), verdict="inconclusive",
+        reasons=gate.reasons, notes=[], splits={"golden": split}, settings={},
+    )
+    console = Console(record=True, width=300)
+    print_report(report, console)
+    text = console.export_text()
+    assert "gate: INCONCLUSIVE" in text and "FAIL" not in text
+    assert "needs ~" in text and "paired examples (now 40)" in text
+    assert "Bonferroni over 2 comparisons" in text

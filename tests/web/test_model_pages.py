@@ -441,3 +441,39 @@ def test_an_admin_override_whose_system_tests_fail_comes_back_as_an_error(
     tests = text(element(r.text, "system-tests"))
     assert "fail" in tests and ("empty output" in tests or "degenerate repetition" in tests)
     assert "override" in text(element(r.text, "history"))
+
+
+def test_an_inconclusive_gate_shows_its_warning_and_the_examples_needed(
+    site: Site, clients: dict[str, TestClient], tiny_model: Path
+) -> None:
+    """Issue 11: registered pending (gate.on_inconclusive=review), the page says the gate was
+    inconclusive, why, and how many examples would settle it. Last in the module: it adds v4."""
+    split = site.report.main_split
+    rule = split.gate.rules[0]
+    reason = (f"{rule.metric}: 97.5% CI of difference [-0.05, +0.01] straddles the "
+              "non-inferiority margin -0.02: inconclusive; about 321 paired examples (now 8) "
+              "would show non-inferiority within -0.02 at the observed variance")
+    check = rule.checks[0].model_copy(update={"outcome": "inconclusive", "passed": False,
+                                              "examples_needed": 321, "reason": reason})
+    rules = [rule.model_copy(update={"outcome": "inconclusive", "passed": False,
+                                     "checks": [check]})]
+    gate = split.gate.model_copy(update={"verdict": "inconclusive", "reasons": [reason],
+                                         "rules": rules})
+    report = site.report.model_copy(update={
+        "id": "eval-inconclusive-1", "verdict": "inconclusive", "reasons": [reason],
+        "splits": {split.name: split.model_copy(update={"gate": gate})},
+    })
+    report.save(site.ws.evals_dir / report.id / "report.json")
+    job = SimpleNamespace(
+        id="ftjob-4", model=site.ws.config.model.base, training_file=site.dataset, parent=None,
+        hyperparameters={"n_epochs": 1}, result={"path": str(untrained_adapter(tiny_model))},
+        run_id="run-4", status="succeeded",
+    )
+    v4 = Registry(site.ws).register_version(job, report, [])
+    assert v4.stage is Stage.PENDING and v4.gate == "inconclusive"
+
+    html = get(clients["viewer"], f"/models/{v4.version}")
+    verdict = text(element(html, "gate-verdict"))
+    assert "inconclusive" in verdict and "321 paired examples" in verdict
+    assert "A person should review it" in text(element(html, "gate-inconclusive"))
+    assert "needs ~321 examples" in text(element(html, "examples-needed"))

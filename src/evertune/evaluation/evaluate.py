@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 from evertune.errors import DataError, NotFoundError
 from evertune.evaluation import metrics as M
-from evertune.evaluation.gate import GateResult, check_rule_metrics, finite_mean, run_gate
+from evertune.evaluation.gate import (
+    GateResult,
+    Outcome,
+    check_rule_metrics,
+    finite_mean,
+    run_gate,
+)
 from evertune.evaluation.report import (
     EvalReport,
     ExampleRow,
@@ -295,6 +301,26 @@ def _worst_regressions(
     return None, []
 
 
+def gate_verdict(
+    split_verdicts: list[Outcome], on_inconclusive: str, notes: list[str]
+) -> Outcome:
+    """The report's verdict from its splits' gates, with `gate.on_inconclusive` applied.
+
+    fail if any split fails; inconclusive (some interval straddles its margin) becomes pass,
+    fail, or stays inconclusive for review (registered pending approval, warned), with a note.
+    """
+    if "fail" in split_verdicts:
+        return "fail"
+    if "inconclusive" not in split_verdicts:
+        return "pass"
+    what = {"review": "registered pending a person's review",
+            "pass": "treated as a pass", "fail": "treated as a failure"}[on_inconclusive]
+    notes.append(f"gate inconclusive: too few examples to show or refute a rule's margin "
+                 f"(see the reasons for the examples needed); gate.on_inconclusive="
+                 f"{on_inconclusive}: {what}")
+    return "inconclusive" if on_inconclusive == "review" else on_inconclusive  # type: ignore[return-value]
+
+
 def _split_report(
     eval_set: _EvalSet,
     scored: dict[Role, _Scored],
@@ -302,6 +328,7 @@ def _split_report(
     models: dict[Role, ModelRef],
     cfg: Config,
     notes: list[str],
+    comparisons: int,
 ) -> SplitReport:
     groups = cfg.eval.metrics
     scores: dict[Role, dict[str, list[float]]] = {
@@ -323,7 +350,7 @@ def _split_report(
         scores["candidate"], scores[ref_role], rules,
         confidence=cfg.gate.confidence, bootstrap_samples=cfg.gate.bootstrap_samples,
         seed=cfg.gate.seed, candidate_label=models["candidate"].label,
-        reference_label=models[ref_role].label,
+        reference_label=models[ref_role].label, comparisons=comparisons,
     )
     rows = []
     for i, item in enumerate(eval_set.items):
@@ -447,17 +474,24 @@ def evaluate_candidate(
         del model
         _release_memory()
 
+    # Bonferroni over every rule check on every split (rules on text metrics are skipped on
+    # pretraining-text sets), so adding rules or a golden split does not add false rejections.
+    comparisons = sum(
+        1 for s in sets for r in cfg.gate.rules if s.generative or r.metric not in TEXT_METRICS
+    )
     splits: dict[str, SplitReport] = {}
     for s in sets:
         what = f"scoring outputs and gating ({s.name})"
         _report_progress(progress, what, 0, 1)
         splits[s.name] = _split_report(
-            s, {role: results[role][s.name] for role in models}, ref_role, models, cfg, notes
+            s, {role: results[role][s.name] for role in models}, ref_role, models, cfg, notes,
+            comparisons,
         )
         _report_progress(progress, what, 1, 1)
     reasons = [reason if name == "test" else f"{name}: {reason}"
                for name, split in splits.items() for reason in split.gate.reasons]
-    verdict = "pass" if all(sp.gate.verdict == "pass" for sp in splits.values()) else "fail"
+    verdict = gate_verdict([sp.gate.verdict for sp in splits.values()],
+                           cfg.gate.on_inconclusive, notes)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(started))
     report = EvalReport(
         id=f"eval-{stamp}-{secrets.token_hex(3)}",

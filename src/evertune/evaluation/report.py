@@ -111,9 +111,10 @@ class EvalReport(BaseModel):
     """By role."""
     reference_role: Role
     metrics: list[str]
-    verdict: Literal["pass", "fail"]
+    verdict: Literal["pass", "fail", "inconclusive"]
+    """After gate.on_inconclusive: inconclusive only under `review` (pending, warned)."""
     reasons: list[str]
-    """Every failed check, prefixed with the split ("golden: rougeL: ...")."""
+    """Every failed or inconclusive check, prefixed with the split ("golden: rougeL: ...")."""
     notes: list[str]
     """Things that did not fail the gate but a person should know (skipped rules, ...)."""
     splits: dict[str, SplitReport]
@@ -193,10 +194,16 @@ def _delta(rule: RuleResult | None, cand: float | None, ref: float | None) -> st
 def _outcome(rules: list[RuleResult]) -> str:
     if not rules:
         return "[dim]not gated[/]"
-    failed = [c.name for r in rules for c in r.checks if not c.passed]
-    if not failed:
-        return "[green]pass[/]"
-    return "[red]FAIL[/] " + ", ".join(failed)
+    checks = [c for r in rules for c in r.checks]
+    failed = [c.name for c in checks if c.outcome == "fail"]
+    if failed:
+        return "[red]FAIL[/] " + ", ".join(failed)
+    pending = [c.name + (f" (needs ~{c.examples_needed} examples)"
+                         if c.examples_needed is not None else " (no n would settle it)")
+               for c in checks if c.outcome == "inconclusive"]
+    if pending:
+        return "[yellow]inconclusive[/] " + ", ".join(pending)
+    return "[green]pass[/]"
 
 
 def _split_table(report: EvalReport, split: SplitReport):  # type: ignore[no-untyped-def]
@@ -211,7 +218,8 @@ def _split_table(report: EvalReport, split: SplitReport):  # type: ignore[no-unt
         label = report.models[role].label
         name = role if label == role else f"{role}\n{label}"
         table.add_column(name + (" (gate ref)" if role == ref_role else ""), justify="right")
-    table.add_column(f"Δ vs {ref_role} ({split.gate.confidence:.0%} CI)", justify="right")
+    level = split.gate.interval_confidence * 100
+    table.add_column(f"Δ vs {ref_role} ({level:.4g}% CI)", justify="right")
     table.add_column("rule")
     metrics = list(split.means.get("candidate", {}))
     for metric in metrics:
@@ -253,8 +261,16 @@ def print_report(report: EvalReport, console: Console, *, regressions: int = 3) 
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     where = f"(candidate vs {report.reference_role}; report {report.id})"
-    if report.verdict == "pass":
-        console.print(f"[bold green]gate: PASS[/] {where}")
+    if report.verdict in ("pass", "inconclusive"):
+        if report.verdict == "pass":
+            console.print(f"[bold green]gate: PASS[/] {where}")
+        else:
+            console.print(f"[bold yellow]gate: INCONCLUSIVE[/] {where}: needs a person's "
+                          "review (gate.on_inconclusive=review)")
+        for reason in report.reasons:  # inconclusive checks, with the examples needed
+            console.print(f"  [yellow]warning:[/] {escape(reason)}")
+        if report.splits:
+            console.print(f"[dim]{escape(report.gate.correction)}[/]")
     else:
         console.print(f"[bold red]gate: FAIL[/] {where}")
         for reason in report.reasons:

@@ -61,6 +61,10 @@ class Row:
     failed_checks: list[str] = field(default_factory=list)
     margin: float | None = None
     """The rule's non-inferiority margin, if it has one."""
+    outcome: str | None = None
+    """pass | fail | inconclusive (the interval straddles a bound); None when not gated."""
+    examples_needed: int | None = None
+    """Inconclusive: about how many paired examples would settle the rule."""
 
     @property
     def arrow(self) -> str:
@@ -77,7 +81,7 @@ class Row:
         sign = 1.0 if self.higher_is_better else -1.0
         if self.gated and self.ci_low is not None and self.ci_high is not None:
             worst, best = sorted((sign * self.ci_low, sign * self.ci_high))
-            if self.passed is False or best < 0:
+            if (self.passed is False and self.outcome != "inconclusive") or best < 0:
                 return "worse"
             return "better" if worst > 0 else ""
         if self.passed is False:
@@ -113,6 +117,9 @@ def _gated_row(metric: str, values: dict[str, float | None], rule: RuleResult) -
         difference=rule.difference, ci_low=rule.ci_low, ci_high=rule.ci_high, n=rule.n,
         gated=True, passed=rule.passed,
         failed_checks=[c.name for c in rule.checks if not c.passed], margin=margin,
+        outcome=rule.outcome,
+        examples_needed=max((c.examples_needed for c in rule.checks
+                             if c.examples_needed is not None), default=None),
     )
 
 
@@ -128,7 +135,7 @@ def comparison_chart(report: EvalReport, split: SplitReport) -> Markup:
     body = [
         f'<text class="label" x="{VAL_X0}" y="16">mean per model</text>',
         f'<text class="label" x="{DIF_X0}" y="16">Δ vs {escape(ref_label)} '
-        f"({split.gate.confidence:.0%} CI), better →</text>",
+        f"({split.gate.interval_confidence * 100:.4g}% CI), better →</text>",
     ]
     for i, row in enumerate(rows):
         top = HEAD_H + i * ROW_H
