@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
 
 RESULT_META = "evertune_job.json"
 """The facts file inside every training result (and so inside every version's artifact)."""
-
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,36 +55,23 @@ class VersionFacts:
 
 
 # -- fingerprints -----------------------------------------------------------------------------
-_cache: dict[tuple[str, tuple[tuple[str, int, int], ...]], str] = {}
-_cache_lock = threading.Lock()
-
-
 def fingerprint(folder: Path) -> str:
-    """sha256 over the names and contents of every file in a model folder (weights,
+    """sha256 over the names, sizes and contents of every file in a model folder (weights,
     config, tokenizer and its chat template).
 
     Hashed in full rather than sampled: a partial hash would miss a fine-tune saved over the
-    same folder. The result is cached per process by (name, size, mtime) of every file, so
-    a 0.5 GB base is read once per process (about a second), not once per request.
+    same folder. Each file's hash comes from `models.file_sha256`, which remembers it per
+    process by (path, size, mtime), so a 0.5 GB base is read once per process, not per load.
     """
+    from evertune.models import file_sha256
+
     folder = folder.resolve()
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not _hidden(p, folder))
-    stats = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in files)
-    key = (str(folder), stats)
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
     digest = hashlib.sha256()
-    for p, (name, size, _) in zip(files, stats, strict=True):
-        digest.update(f"{name}\0{size}\0".encode())
-        with p.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-    value = digest.hexdigest()
-    with _cache_lock:
-        _cache[key] = value
-    return value
+    for p in files:
+        name = str(p.relative_to(folder))
+        digest.update(f"{name}\0{p.stat().st_size}\0{file_sha256(p)}\0".encode())
+    return digest.hexdigest()
 
 
 def _hidden(path: Path, root: Path) -> bool:

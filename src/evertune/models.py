@@ -122,8 +122,9 @@ def model_cache_dir() -> Path:
 _hashes: dict[tuple[str, int, int], str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered per process by (path, size, mtime): ~0.2 s for the GGUF."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per process by (path, size, mtime): ~0.2 s for the GGUF.
+    Also the per-file hash of base-model fingerprints (evertune.facts)."""
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _hashes:
@@ -156,7 +157,7 @@ def resolve_base_model(spec: str, cache_dir: Path) -> Path:
     if spec in PACKAGED:
         gguf = _packaged_gguf(spec)
         cache = model_cache_dir()
-        target = cache / f"{spec}-{_file_sha256(gguf)[:16]}"
+        target = cache / f"{spec}-{file_sha256(gguf)[:16]}"
         if not (target / "config.json").is_file():
             # `evertune up` resolves the base model from two threads at start-up (the pipeline's
             # warm-up and serving), and two workspaces' processes may start together: the
