@@ -240,6 +240,34 @@ def data_show(dataset: str = typer.Argument(..., help="Dataset id or a unique pr
         console.print(f"  rows and line numbers: {v.path / 'rejected.jsonl'}")
 
 
+@data_app.command("suite")
+def data_suite(
+    examples: int = typer.Option(3, "--examples", "-n", help="How many records to show."),
+    sync: bool = typer.Option(
+        False, "--sync", help="First add the test records of every version ever in PROD."
+    ),
+) -> None:
+    """Show the regression suite: the test examples versions in PROD were evaluated on."""
+    from evertune.evaluation.regression_suite import add_prod_history, suite_info
+
+    ws = _open()
+    if sync:
+        console.print(f"{add_prod_history(ws)} new record(s) from versions ever in PROD")
+    info = suite_info(ws, examples)
+    state = "" if ws.config.eval.regression_suite else "  [yellow](eval.regression_suite: off)[/]"
+    console.print(f"[bold]{info.total}[/] record(s) in {info.path}{state}")
+    t = Table()
+    for col in ("version", "eval report", "dataset", "records", "new", "note"):
+        t.add_column(col)
+    for s in info.sources:
+        t.add_row(f"v{s['version']}", _fmt(s.get("eval_report")), _fmt(s.get("dataset")),
+                  str(s.get("records", 0)), str(s.get("added", 0)), s.get("note") or "")
+    if t.row_count:
+        console.print(t)
+    for record in info.examples:
+        console.print(json.dumps(record, ensure_ascii=False), markup=False, highlight=False)
+
+
 # -- tune / jobs ---------------------------------------------------------------------------
 class _TrainProgress:
     """A Rich progress bar fed by the job's metric rows (step, loss, tokens/s, ETA)."""
@@ -539,6 +567,7 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
         console.print("[yellow]gate inconclusive[/]: too few examples to tell; review it:")
         for reason in v.gate_reasons:
             console.print(f"  - {reason}", highlight=False, markup=False)
+    _print_splits(ws, v.eval_report)
     if v.metrics:
         m = Table(title="metrics", title_justify="left")
         m.add_column("metric")
@@ -548,6 +577,32 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
         console.print(m)
     if v.description:
         console.print(v.description)
+
+
+def _print_splits(ws: Any, report_id: str | None) -> None:
+    """The version's gate split by split (test, golden, regression, general), from its report:
+    each gated metric's candidate and reference means and the check's outcome."""
+    from evertune.errors import EvertuneError
+    from evertune.evaluation.report import load_report
+
+    if not report_id:
+        return
+    try:
+        report = load_report(ws.evals_dir / report_id / "report.json")
+    except (OSError, ValueError, EvertuneError):
+        return  # the report is gone or from another version of Evertune: metrics still show
+    t = Table(title=f"gate by split (candidate vs {report.reference_role})",
+              title_justify="left")
+    for col in ("split", "examples", "metric", "candidate", report.reference_role, "outcome"):
+        t.add_column(col, justify="right" if col in ("examples", "candidate",
+                                                      report.reference_role) else "left")
+    colours = {"pass": "green", "fail": "red", "inconclusive": "yellow"}
+    for split in report.splits.values():
+        for i, rule in enumerate(split.gate.rules):
+            t.add_row(split.name if i == 0 else "", str(split.n_examples) if i == 0 else "",
+                      rule.metric, _fmt(rule.candidate_mean), _fmt(rule.reference_mean),
+                      f"[{colours[rule.outcome]}]{rule.outcome}[/]")
+    console.print(t)
 
 
 # -- approvals and deployments ----------------------------------------------------------------

@@ -71,6 +71,9 @@ class DataArgs(_Args):
     trust_unverified_feedback: bool = False
     """Also train on feedback about responses this server cannot show it produced (an unknown
     response id, prompt and answer sent by the client); false keeps them for review only."""
+    replay: float = Field(0.0, ge=0, lt=1)
+    """Share of each training set made of general-ability examples answered by the base model
+    itself (self-distillation replay), so a round keeps what the base could do; 0 = none."""
 
 
 class LoraArgs(_Args):
@@ -108,6 +111,29 @@ class TrainArgs(_Args):
     backend: Literal["local", "ray"] = "local"
 
 
+class JudgeArgs(_Args):
+    base_url: str = Field(pattern=r"^https?://\S+$")
+    """The judge's OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (Evertune posts
+    to BASE_URL/chat/completions)."""
+    model: str = Field(min_length=1)
+    """The model the judge endpoint serves."""
+    rubric: str = (
+        "Judge how well the answer follows the instruction and matches the reference answer: "
+        "correct, complete, concise and in the requested format."
+    )
+    """What a good answer is, in words; shown to the judge with every pair."""
+    # No pattern here: a config error echoes the value, and a key pasted in by mistake would
+    # be printed; evaluation.judge.api_key checks the name without showing it.
+    api_key_env: str | None = None
+    """Environment variable holding the judge endpoint's API key (never the key itself)."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Seconds one judge call may take; a timeout is retried twice, then fails the step."""
+    max_tokens: int = Field(256, ge=1, le=4096)
+    """Tokens the judge may write per verdict (room for a thinking model's reasoning)."""
+    concurrency: int = Field(4, ge=1, le=64)
+    """Judge calls in flight at once."""
+
+
 class EvalArgs(_Args):
     max_examples: int = Field(64, ge=1)
     """Test examples scored per model (the gate's sample size)."""
@@ -121,6 +147,24 @@ class EvalArgs(_Args):
     ]
     compare_base: bool = True
     """Also score the base model (the reference when no PROD version exists)."""
+    general: bool = True
+    """Forgetting guard: also score every model on the general-ability set (split `general`),
+    whose reference answers are the base model's own greedy outputs, gated by
+    `gate.general_rules`."""
+    general_set: str | None = None
+    """A team's own general-ability set (JSONL of prompts, path relative to the workspace);
+    default: the set packaged with Evertune."""
+    general_max_examples: int = Field(32, ge=1)
+    """General-ability prompts scored per model (a seeded sample of the set)."""
+    regression_suite: bool = True
+    """Also score every candidate on the workspace's regression suite (split `regression`):
+    the test examples every version now or formerly in PROD was evaluated on, never trained
+    on, gated by `gate.rules`."""
+    regression_max_examples: int = Field(64, ge=1)
+    """Regression-suite examples scored per model (a seeded sample when the suite is larger)."""
+    judge: JudgeArgs | None = None
+    """An LLM judge (any OpenAI-compatible endpoint) that scores answers: metrics
+    judge_score (absolute, 0-1) and judge_preference (candidate vs reference, position-swapped)."""
 
 
 class GateRule(_Args):
@@ -150,6 +194,12 @@ class GateArgs(_Args):
         GateRule(metric="embedding_cosine", non_inferiority_margin=0.02),
         GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.05),
     ]
+    general_rules: list[GateRule] = [
+        GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.25),
+    ]
+    """Rules on the general-ability split (forgetting guard), candidate vs reference: loss is
+    the teacher-forced loss of the base's own answers (a KL proxy: how far the candidate moved
+    from the base's behaviour); rougeL / embedding_cosine compare generated answers with them."""
 
 
 class RegistryArgs(_Args):
@@ -234,6 +284,40 @@ class ApiArgs(_Args):
     count too but are never refused (the watcher has nobody to answer)."""
 
 
+class DriftArgs(_Args):
+    enabled: bool = True
+    """Compare the prompts PROD serves with the PROD version's training prompts (in the control
+    process, `evertune up`; see `evertune.monitoring.drift`)."""
+    window: int = Field(200, ge=10, le=1000)
+    """Newest served prompts (request log, stage prod) compared."""
+    min_prompts: int = Field(30, ge=5)
+    """Fewer served prompts than this: no drift figure yet."""
+    reference_prompts: int = Field(1000, ge=10, le=2000)
+    """Training prompts compared: a seeded sample of the PROD version's train split (their
+    embeddings are computed once per dataset version and cached)."""
+    every_seconds: float = Field(60.0, gt=0)
+    """How often drift is recomputed (a check with no new served prompt is skipped)."""
+    threshold: float = Field(0.01, ge=0.001, lt=1)
+    """Drift is reported (gauge, audit event) when the two-sample test's p-value falls below
+    this. At least 0.001: the permutation test's smallest p-value is 1/1001."""
+    start_round: bool = False
+    """When drift is reported, also start a tuning round with the feedback gathered so far."""
+
+    @model_validator(mode="after")
+    def _min_fits_window(self) -> DriftArgs:
+        if self.min_prompts > self.window:
+            raise ValueError(
+                f"min_prompts ({self.min_prompts}) is larger than window ({self.window}): no "
+                "check could ever run; lower min_prompts or raise window"
+            )
+        return self
+
+
+class MonitorArgs(_Args):
+    drift: DriftArgs = DriftArgs()
+    """Served prompts vs the PROD version's training prompts, and output signals."""
+
+
 class Config(_Args):
     model: ModelArgs = ModelArgs()
     data: DataArgs = DataArgs()
@@ -248,6 +332,7 @@ class Config(_Args):
     server: ServerArgs = ServerArgs()
     notify: NotifyArgs = NotifyArgs()
     api: ApiArgs = ApiArgs()
+    monitor: MonitorArgs = MonitorArgs()
 
 
 def default_config_text() -> str:

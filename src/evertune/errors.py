@@ -15,6 +15,7 @@ the message of any `EvertuneError` without a traceback and exits with status 1 (
     ├── LifecycleError         an illegal model-version transition (lists the allowed ones)
     ├── ModelError             a base model cannot be resolved or loaded
     ├── RegistryError          the model registry refused an operation
+    ├── JudgeError             the LLM judge (eval.judge) is down, refuses the key, or has no model
     └── PermissionDenied       a token's role may not do this (or the token is not valid)
 """
 
@@ -75,6 +76,11 @@ class ModelError(EvertuneError):
 
 class RegistryError(EvertuneError):
     pass
+
+
+class JudgeError(EvertuneError):
+    """The LLM judge endpoint cannot be used (down, key refused, unknown model or URL): the
+    message names base_url and model and the fix; the evaluation step fails and can be retried."""
 
 
 class PermissionDenied(EvertuneError):

@@ -44,6 +44,7 @@ class VersionFacts:
     max_seq_len: int | None = None
     dtype: str = "auto"
     dataset: str | None = None
+    replay: float = 0.0  # share of the training set that was general-set replay (data.replay)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +92,7 @@ def training_facts(
     max_seq_len: int,
     dtype: str,
     dataset: str | None,
+    replay: float = 0.0,
 ) -> VersionFacts:
     """The facts of a result a job is about to save (see `training.sft`)."""
     template = getattr(tokenizer, "chat_template", None)
@@ -107,6 +109,7 @@ def training_facts(
         max_seq_len=max_seq_len,
         dtype=dtype,
         dataset=dataset,
+        replay=replay,
     )
 
 

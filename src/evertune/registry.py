@@ -551,6 +551,10 @@ class Registry:
                 # The first attempt crashed before its audit row; the stage it left is lost.
                 data["repeated"] = True
                 self._audit(mv.version, "transition", None, target, actor, reason, data)
+        if target is Stage.PROD:  # every way into prod (promote, auto-promote, rollback) is here
+            from evertune.evaluation.regression_suite import on_prod
+
+            on_prod(self.ws, mv)  # its test examples now guard every later candidate
         return self.get_version(mv.version)
 
     def _apply_stage(

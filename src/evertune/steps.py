@@ -78,6 +78,8 @@ def unchanged_reason(ws: Workspace, dataset: DatasetVersion) -> str | None:
     base = facts.get("base_model") or latest.base_model
     if latest.dataset != dataset.id or method != ws.config.train.method:
         return None
+    if float(facts.get("replay") or 0.0) != ws.config.data.replay:
+        return None  # replay changed: the same data trains a different mix
     if base and str(base) != ws.config.model.base:
         return None  # a new base model: the same data makes a different model
     return (

@@ -83,3 +83,46 @@ def build_tiny_model(path: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def teach_general_ability(path: Path, steps: int = 150, seed: int = 0) -> Path:
+    """Full-fine-tune the tiny model at `path` (in place) to answer every prompt of the packaged
+    general-ability set by repeating it back ("You asked: …"): one general ability.
+
+    A random tiny model has no behaviour to forget (its greedy answers are noise that any
+    training moves), so the forgetting guard's tests start from this one: a narrow LoRA round
+    keeps the ability, a full fine-tune at a high learning rate destroys it, as with real
+    models. About 5 s on 2 CPU cores.
+    """
+    import json
+    from importlib import resources
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    text = resources.files("evertune.evaluation").joinpath("general_set.jsonl").read_text("utf-8")
+    prompts = [json.loads(line)["input"] for line in text.splitlines() if line.strip()]
+    rows = []
+    for p in prompts:
+        prompt = str(tokenizer.apply_chat_template([{"role": "user", "content": p}],
+                                                   add_generation_prompt=True, tokenize=False))
+        ids = tokenizer(prompt + f"You asked: {p}<|im_end|>", add_special_tokens=False)["input_ids"]
+        rows.append(torch.tensor(ids[:128]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        pick = torch.randint(len(rows), (16,), generator=gen).tolist()
+        batch = torch.nn.utils.rnn.pad_sequence([rows[i] for i in pick], batch_first=True,
+                                                padding_value=-100)
+        ids = batch.clamp(min=0)
+        loss = model(input_ids=ids, attention_mask=(batch != -100).long(), labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return path

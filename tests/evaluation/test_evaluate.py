@@ -73,8 +73,9 @@ def test_evaluate_candidate_writes_a_gated_report(
         progress=lambda label, done, total: calls.append((label, done, total)),
     )
 
-    # Test split (at most eval.max_examples = 8) and golden set, candidate vs base.
-    assert set(report.splits) == {"test", "golden"}
+    # Test split (at most eval.max_examples = 8), golden set and the forgetting guard's
+    # general set, candidate vs base.
+    assert set(report.splits) == {"test", "golden", "general"}
     test, golden = report.splits["test"], report.splits["golden"]
     assert test.n_examples == min(8, dataset.counts["test"]) and golden.n_examples == 3
     assert report.reference_role == "base" and set(report.models) == {"candidate", "base"}
@@ -94,12 +95,18 @@ def test_evaluate_candidate_writes_a_gated_report(
     verdicts = {test.gate.verdict, golden.gate.verdict}
     assert report.verdict == ("fail" if "fail" in verdicts else
                               "inconclusive" if "inconclusive" in verdicts else "pass")
-    # Bonferroni over every rule on both splits, stated in each split's gate.
-    k = 2 * len(ws.config.gate.rules)
-    assert test.gate.comparisons == golden.gate.comparisons == k
+    # Bonferroni over every rule on every split, stated in each split's gate.
+    general = report.splits["general"]
+    assert [r.metric for r in general.gate.rules] == [r.metric for r in ws.config.gate.general_rules]
+    k = 2 * len(ws.config.gate.rules) + len(ws.config.gate.general_rules)
+    assert test.gate.comparisons == golden.gate.comparisons == general.gate.comparisons == k
     assert test.gate.correction.startswith(f"Bonferroni over {k} comparisons")
-    assert len(report.reasons) == len(test.gate.reasons) + len(golden.gate.reasons)
-    assert all(r.startswith("golden: ") for r in report.reasons[len(test.gate.reasons):])
+    assert len(report.reasons) == sum(len(s.gate.reasons) for s in (test, golden, general))
+    n_test = len(test.gate.reasons)
+    assert all(r.startswith("golden: ")
+               for r in report.reasons[n_test:n_test + len(golden.gate.reasons)])
+    assert all(r.startswith("general: ")
+               for r in report.reasons[n_test + len(golden.gate.reasons):])
     assert len(test.worst_regressions) <= 10
     assert all(reg.change < 0 for reg in test.worst_regressions)
 

@@ -199,6 +199,15 @@ def _golden_keys(ws: Workspace) -> set[str]:
     return {record_key(r) for r in golden} if golden else set()
 
 
+def _suite_keys(ws: Workspace) -> set[str]:
+    """Content addresses (record_hash) of the regression suite; empty when it is turned off."""
+    if not ws.config.eval.regression_suite:
+        return set()
+    from evertune.evaluation.regression_suite import suite_keys
+
+    return suite_keys(ws)
+
+
 def add_files(
     ws: Workspace,
     paths: list[Path],
@@ -209,7 +218,7 @@ def add_files(
 
     Every file is validated before anything is stored: if any has a file-level problem, one
     DataError lists them all and no version is written. Records that are in the golden set
-    are dropped (it is never trained on) and counted.
+    or in the regression suite are dropped (neither is ever trained on) and counted.
     """
     if not paths:
         raise DataError("no files given; pass at least one .jsonl or .txt file")
@@ -229,11 +238,12 @@ def add_files(
         listed = "\n".join(f"- {e}" for e in errors)
         raise DataError(f"{len(errors)} files cannot be used:\n{listed}")
     golden = _golden_keys(ws)
+    suite = _suite_keys(ws)
 
     versions: list[DatasetVersion] = []
     rejected_paths: list[Path] = []
     files_summary: list[dict[str, Any]] = []
-    total_dupes = total_golden = 0
+    total_dupes = total_golden = total_suite = 0
     for kind in ("sft", "dpo", "pretrain"):
         group = [r for r in results if r.kind == kind]
         if not group:
@@ -244,11 +254,25 @@ def add_files(
             pairs += zip(r.records, per_record, strict=True)
         in_golden = [p for p in pairs if record_key(p[0]) in golden]
         pairs = [p for p in pairs if record_key(p[0]) not in golden]
+        # The regression suite is what versions in PROD were judged on: trained on, it would
+        # stop catching what it is there to catch.
+        in_suite = [p for p in pairs if record_hash(p[0]) in suite]
+        pairs = [p for p in pairs if record_hash(p[0]) not in suite]
         records, dropped = dedup([rec for rec, _ in pairs])
         if not records:
+            files = ", ".join(r.path.name for r in group)
+            if not in_suite:
+                raise DataError(
+                    f"every {kind} record in {files} is a copy of a golden-set record "
+                    f"({cfg.golden_set}); the golden set is never trained on"
+                )
+            held = "the regression suite" + (f" or the golden set ({cfg.golden_set})"
+                                             if in_golden else "")
             raise DataError(
-                f"every {kind} record in {', '.join(r.path.name for r in group)} is a copy of a "
-                f"golden-set record ({cfg.golden_set}); the golden set is never trained on"
+                f"every {kind} record in {files} is a copy of a record of {held}: the test "
+                "examples versions in PROD were evaluated on are never trained on (see "
+                "`evertune data suite`); add new records, or set eval.regression_suite: false "
+                "to train on them"
             )
         # Lengths of the records that survived dedup (first occurrence kept, like dedup()).
         seen: set[str] = set()
@@ -269,6 +293,7 @@ def add_files(
             "rejects_by_reason": dict(Counter(rej.code for rej in rejects)),
             "duplicates_dropped": dropped,
             "in_golden_set": len(in_golden),
+            "in_regression_suite": len(in_suite),
             "truncated": sum(r.truncated for r in group),
             "max_seq_len": cfg.max_seq_len if tokenizer is not None else None,
             "overlong": cfg.overlong,
@@ -284,6 +309,7 @@ def add_files(
             rejected_paths.append(rejected_path)
         total_dupes += dropped
         total_golden += len(in_golden)
+        total_suite += len(in_suite)
 
     for r in results:
         files_summary.append({"file": r.path.name, "sha256": r.sha256, "format": r.format,
@@ -297,6 +323,7 @@ def add_files(
         "rejects_by_reason": dict(Counter(rej.code for rej in all_rejects)),
         "duplicates_dropped": total_dupes,
         "in_golden_set": total_golden,
+        "in_regression_suite": total_suite,
         "truncated": sum(r.truncated for r in results),
     }
     return AddResult(versions=versions, report=summary,

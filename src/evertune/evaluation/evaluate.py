@@ -9,15 +9,22 @@
     print_report(report, console)          # `evertune eval …` does both
 
 What runs, in order:
-1. Examples: up to `eval.max_examples` of the dataset's test split (a seeded sample, so the same
-   dataset always gives the same examples; the validation split if the test split is empty),
-   and the whole golden set (`data.golden_set`) when configured. Both are reported and gated
-   separately; the verdict passes only if both pass.
+1. Examples, one split each, reported and gated separately (the verdict passes only if every
+   split passes):
+   - test: up to `eval.max_examples` of the dataset's test split (a seeded sample, so the same
+     dataset always gives the same examples; the validation split if the test split is empty);
+   - golden: the whole golden set (`data.golden_set`) when configured;
+   - regression: a sample of the regression suite, the test examples of every version that
+     was ever in PROD (`eval.regression_suite`, evertune.evaluation.regression_suite);
+   - general: the forgetting guard (`eval.general`): general-ability prompts whose references
+     are the base model's own greedy answers (evertune.evaluation.general), gated by
+     `gate.general_rules` (loss of those answers: how far the model moved from the base).
 2. Each model (candidate, reference if given, base) is loaded once with
    `evertune.models.load_for_inference`, generates greedily for every example and computes the
    teacher-forced loss of the expected answer, then is freed before the next one loads.
-3. Text metrics (`eval.metrics`) compare each output with the expected answer; the gate
-   (`gate.rules`) compares candidate and reference example by example.
+3. Text metrics (`eval.metrics`) compare each output with the expected answer, and the LLM
+   judge (`eval.judge`) scores answers; the gate (`gate.rules`) compares candidate and
+   reference example by example.
 4. The report goes to `ws.evals_dir/<id>/report.json`.
 
 Text (pretraining) data has no answer to generate: such examples are scored by loss and
@@ -32,9 +39,10 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from evertune.config import GateRule
 from evertune.errors import DataError, NotFoundError
 from evertune.evaluation import metrics as M
 from evertune.evaluation.gate import (
@@ -44,6 +52,7 @@ from evertune.evaluation.gate import (
     finite_mean,
     run_gate,
 )
+from evertune.evaluation.judge import JUDGE_METRICS
 from evertune.evaluation.report import (
     EvalReport,
     ExampleRow,
@@ -90,6 +99,18 @@ class _EvalSet:
     name: str
     source: str
     items: list[_Item]
+    records: list[dict[str, Any]]
+    """The raw records behind `items` (a model on another base renders them with its own
+    tokenizer, so examples still pair one to one)."""
+    rules_key: str = "rules"
+    """The gate's rule list for this set: gate.rules, or gate.general_rules (forgetting guard)."""
+    keep_records: bool = False
+    """Saved beside the report (the test split: the regression suite grows from them when the
+    version reaches PROD)."""
+
+    def rendered(self, tokenizer: PreTrainedTokenizerBase) -> _EvalSet:
+        """The same records rendered by another model's tokenizer and chat template."""
+        return replace(self, items=[_item(r, tokenizer) for r in self.records])
 
     @property
     def generative(self) -> list[int]:
@@ -141,8 +162,13 @@ def select_examples(records: list[dict[str, Any]], limit: int, seed: str) -> lis
 
 
 def _eval_sets(
-    ws: Workspace, dataset: DatasetVersion, tokenizer: PreTrainedTokenizerBase
+    ws: Workspace,
+    dataset: DatasetVersion,
+    tokenizer: PreTrainedTokenizerBase,
+    general: tuple[list[dict[str, Any]], str] | None = None,
 ) -> tuple[list[_EvalSet], list[str]]:
+    """The splits to score: test (else validation), golden, regression, and `general` (the
+    guard's records and their source) when given."""
     from evertune.data.store import load_golden
 
     notes: list[str] = []
@@ -154,21 +180,70 @@ def _eval_sets(
         if records:
             notes.append(f"dataset {dataset.id} has an empty test split; evaluated on its "
                          "validation split instead (add data or raise data.split.test)")
+    chosen: list[dict[str, Any]] = []
     if records:
         chosen = select_examples(records, limit, dataset.id)
         source = f"{dataset.id} {split} split ({len(chosen)} of {len(records)})"
-        sets.append(_EvalSet("test", source, [_item(r, tokenizer) for r in chosen]))
+        sets.append(_EvalSet("test", source, [_item(r, tokenizer) for r in chosen], chosen,
+                             keep_records=True))
     golden = load_golden(ws)
     if golden:
         source = f"golden set {ws.config.data.golden_set} ({len(golden)})"
-        sets.append(_EvalSet("golden", source, [_item(r, tokenizer) for r in golden]))
+        sets.append(_EvalSet("golden", source, [_item(r, tokenizer) for r in golden], golden))
+    if ws.config.eval.regression_suite:
+        regression = _regression_set(ws, dataset, chosen, tokenizer)
+        if regression is not None:
+            sets.append(regression)
     if not sets:
+        # Only task data can say whether a round is good; the general split alone cannot.
         raise DataError(
             f"dataset {dataset.id} has no test or validation examples and no golden set is "
             "configured, so there is nothing to evaluate on; add more data (the split is by "
             "content hash, so tiny drops can leave a split empty) or set data.golden_set"
         )
+    if general is not None:
+        records, source = general
+        sets.append(_EvalSet("general", source, [_item(r, tokenizer) for r in records], records,
+                             rules_key="general_rules"))
     return sets, notes
+
+
+def _general_records(
+    ws: Workspace, base_path: Path, progress: Progress | None
+) -> tuple[list[dict[str, Any]], str] | None:
+    """The forgetting guard's examples (`eval.general`): guard prompts answered by the base."""
+    if not ws.config.eval.general:
+        return None
+    from evertune.evaluation.general import general_examples, load_prompts
+
+    what = "base: answering the general set (once per base model)"
+    records = general_examples(
+        ws.config, ws.root, base_path, "guard", limit=ws.config.eval.general_max_examples,
+        progress=lambda done, total: _report_progress(progress, what, done, total),
+    )
+    _, name = load_prompts(ws.config, ws.root)
+    return records, f"{name}, guard half ({len(records)}), answered by the base model"
+
+
+def _regression_set(
+    ws: Workspace,
+    dataset: DatasetVersion,
+    test_records: list[dict[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+) -> _EvalSet | None:
+    """The regression suite (test examples of every version ever in PROD) as a split, less
+    any example already in this test selection; None while the suite is empty."""
+    from evertune.data.formats import record_key
+    from evertune.evaluation.regression_suite import suite_records
+
+    in_test = {record_key(r) for r in test_records}
+    limit = ws.config.eval.regression_max_examples
+    records, total = suite_records(ws, limit, seed=dataset.id)
+    records = [r for r in records if record_key(r) not in in_test]
+    if not records:
+        return None
+    source = f"regression suite ({len(records)} of {total} examples of versions in PROD)"
+    return _EvalSet("regression", source, [_item(r, tokenizer) for r in records], records)
 
 
 def _report_progress(progress: Progress | None, label: str, done: int, total: int) -> None:
@@ -250,6 +325,65 @@ def _text_scores(
     return scores
 
 
+def _rules_of(eval_set: _EvalSet, cfg: Config) -> list[GateRule]:
+    """The rules gating `eval_set`, less rules on generated text for loss-only (text) sets."""
+    rules = list(getattr(cfg.gate, eval_set.rules_key))
+    if not eval_set.generative:
+        rules = [r for r in rules if r.metric not in TEXT_METRICS | set(JUDGE_METRICS)]
+    return rules
+
+
+def _judge(
+    eval_set: _EvalSet,
+    scored: dict[Role, _Scored],
+    scores: dict[Role, dict[str, list[float]]],
+    ref_role: Role,
+    cfg: Config,
+    rules: list[GateRule],
+    progress: Progress | None,
+    notes: list[str],
+) -> list[dict[str, Any] | None] | None:
+    """Add the LLM judge's per-example scores (eval.judge) to `scores`; its raw answers per
+    example, or None when no judge runs on this set. The general set is judged only when a
+    general rule asks for a judge metric (its references are the base's own answers)."""
+    judge = cfg.eval.judge
+    idx = eval_set.generative
+    if judge is None or not idx:
+        return None
+    if eval_set.rules_key == "general_rules" and not any(r.metric in JUDGE_METRICS
+                                                         for r in rules):
+        return None
+    from evertune.evaluation.judge import judge_split
+
+    what = f"judge ({eval_set.name})"
+    outcome = judge_split(
+        judge,
+        [eval_set.items[i].input for i in idx],
+        [eval_set.items[i].expected for i in idx],
+        {role: [s.generations[i].text for i in idx] for role, s in scored.items()},  # type: ignore[union-attr]
+        ref_role,
+        progress=lambda done, total: _report_progress(progress, what, done, total),
+    )
+    n = len(eval_set.items)
+    missing = {metric: sum(1 for v in values if not math.isfinite(v))
+               for metric, values in outcome.scores.get("candidate", {}).items()}
+    for metric, count in missing.items():
+        if count:
+            notes.append(f"{eval_set.name}: the judge gave no readable {metric} for {count} of "
+                         f"{len(idx)} candidate answers (the raw answers are in the rows); "
+                         "those examples are left out of rules on it")
+    for role, metrics in outcome.scores.items():
+        for metric, values in metrics.items():
+            full = [math.nan] * n
+            for i, v in zip(idx, values, strict=True):
+                full[i] = v
+            scores[role][metric] = full  # type: ignore[index]
+    raw: list[dict[str, Any] | None] = [None] * n
+    for i, record in zip(idx, outcome.raw, strict=True):
+        raw[i] = record
+    return raw
+
+
 def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -329,15 +463,16 @@ def _split_report(
     cfg: Config,
     notes: list[str],
     comparisons: int,
+    progress: Progress | None = None,
 ) -> SplitReport:
     groups = cfg.eval.metrics
     scores: dict[Role, dict[str, list[float]]] = {
         role: _text_scores(eval_set, s, groups) for role, s in scored.items()
     }
-    rules = list(cfg.gate.rules)
+    rules = _rules_of(eval_set, cfg)
+    judged = _judge(eval_set, scored, scores, ref_role, cfg, rules, progress, notes)
     if not eval_set.generative:
-        skipped = [r for r in rules if r.metric in TEXT_METRICS]
-        rules = [r for r in rules if r.metric not in TEXT_METRICS]
+        skipped = [r for r in getattr(cfg.gate, eval_set.rules_key) if r not in rules]
         if skipped:
             names = ", ".join(sorted({r.metric for r in skipped}))
             notes.append(f"{eval_set.name}: rules on {names} skipped: text (pretraining) examples "
@@ -365,7 +500,8 @@ def _split_report(
                 finish_reason=gen.finish_reason if gen else None,
             )
         rows.append(ExampleRow(index=i, input=item.input, prompt=item.prompt,
-                               expected=item.expected, outputs=outputs))
+                               expected=item.expected, outputs=outputs,
+                               judge=judged[i] if judged else None))
     metric, worst = _worst_regressions(eval_set, scores, scored, ref_role, gate)
     return SplitReport(
         name=eval_set.name, source=eval_set.source, n_examples=len(eval_set.items),
@@ -428,7 +564,14 @@ def evaluate_candidate(
     cfg = ws.config
     # Fail on a bad rule before minutes of generation, not after.
     computed = M.metric_names(cfg.eval.metrics)
+    if cfg.eval.judge is not None:
+        from evertune.evaluation.judge import check_judge
+
+        check_judge(cfg.eval.judge)  # a missing API key variable, before minutes of generation
+        computed += list(JUDGE_METRICS)
     check_rule_metrics(cfg.gate.rules, computed)
+    if cfg.eval.general:
+        check_rule_metrics(cfg.gate.general_rules, computed, key="gate.general_rules")
     for ref in (candidate, reference):
         if ref is not None and ref.adapter is not None and not ref.adapter.exists():
             raise NotFoundError(f"adapter folder {ref.adapter} of model {ref.label!r} does not "
@@ -438,7 +581,8 @@ def evaluate_candidate(
     # model.base says today; the base model role is the candidate's base.
     base_path = _base_of(ws, candidate)
     tokenizer = load_tokenizer(base_path)
-    sets, notes = _eval_sets(ws, dataset, tokenizer)
+    general = _general_records(ws, base_path, progress)
+    sets, notes = _eval_sets(ws, dataset, tokenizer, general)
 
     models: dict[Role, ModelRef] = {"candidate": candidate}
     if reference is not None:
@@ -464,7 +608,7 @@ def evaluate_candidate(
             # Trained on another base (model.base changed between rounds): its own tokenizer
             # and chat template render the same records, so examples still pair one to one.
             own_tok = load_tokenizer(own_base)
-            own_sets, _ = _eval_sets(ws, dataset, own_tok)
+            own_sets = [s.rendered(own_tok) for s in sets]
             notes.append(f"{ref.label} was trained on base {own_base} and is scored on it")
         model = load_for_inference(own_base, ref.adapter, dtype=cfg.model.dtype)
         _report_progress(progress, f"{label}: loading", 1, 1)
@@ -476,16 +620,14 @@ def evaluate_candidate(
 
     # Bonferroni over every rule check on every split (rules on text metrics are skipped on
     # pretraining-text sets), so adding rules or a golden split does not add false rejections.
-    comparisons = sum(
-        1 for s in sets for r in cfg.gate.rules if s.generative or r.metric not in TEXT_METRICS
-    )
+    comparisons = sum(len(_rules_of(s, cfg)) for s in sets)
     splits: dict[str, SplitReport] = {}
     for s in sets:
         what = f"scoring outputs and gating ({s.name})"
         _report_progress(progress, what, 0, 1)
         splits[s.name] = _split_report(
             s, {role: results[role][s.name] for role in models}, ref_role, models, cfg, notes,
-            comparisons,
+            comparisons, progress,
         )
         _report_progress(progress, what, 1, 1)
     reasons = [reason if name == "test" else f"{name}: {reason}"
@@ -511,4 +653,27 @@ def evaluate_candidate(
                   "base_model": str(base_path), "max_seq_len": cfg.data.max_seq_len},
     )
     report.save(ws.evals_dir / report.id / "report.json")
+    for s in sets:
+        if s.keep_records:
+            _write_records(ws.evals_dir / report.id / "examples" / f"{s.name}.jsonl", s.records)
     return report
+
+
+def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
+    tmp.replace(path)
+
+
+def evaluated_records(ws: Workspace, report_id: str, split: str = "test") -> list[dict[str, Any]]:
+    """The raw records report `report_id` evaluated on `split` ([] for reports written before
+    records were kept, or a split without them)."""
+    import json
+
+    path = ws.evals_dir / report_id / "examples" / f"{split}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]

@@ -372,13 +372,16 @@ def _combine(outcomes: Sequence[Outcome]) -> Outcome:
     return "inconclusive" if "inconclusive" in outcomes else "pass"
 
 
-def check_rule_metrics(rules: Sequence[GateRule], available: Sequence[str]) -> None:
-    """Raise ConfigError naming every rule whose metric is not among `available`."""
+def check_rule_metrics(
+    rules: Sequence[GateRule], available: Sequence[str], key: str = "gate.rules"
+) -> None:
+    """Raise ConfigError naming every rule (of config list `key`) whose metric is not among
+    `available`."""
     problems = [
-        f"gate.rules[{i}].metric {rule.metric!r} is not computed; computed metrics: "
+        f"{key}[{i}].metric {rule.metric!r} is not computed; computed metrics: "
         f"{', '.join(available) or 'none'} (eval.metrics turns groups on: loss -> loss, "
         "perplexity; rouge -> rouge1, rouge2, rougeL; embedding -> embedding_cosine; "
-        "exact_match; json_valid)"
+        "exact_match; json_valid; eval.judge adds judge_score, judge_preference)"
         for i, rule in enumerate(rules)
         if rule.metric not in available
     ]

@@ -65,6 +65,9 @@ class ExampleRow(BaseModel):
     expected: str
     outputs: dict[str, ModelOutput]
     """By role."""
+    judge: dict[str, object] | None = None
+    """The LLM judge's raw answers for this example (eval.judge), and why any could not be
+    read (recorded as missing scores, never a crash); None without a judge."""
 
 
 class Regression(BaseModel):

@@ -417,9 +417,18 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
     pad_id = int(tokenizer.pad_token_id)
     dataset = get_dataset(ws, job.training_file)
     truncate = cfg.data.overlong == "truncate"
-    train_ex, skipped = tokenize_split(
-        dataset.records("train"), tokenizer, cfg.data.max_seq_len, truncate
-    )
+    train_records = dataset.records("train")
+    if cfg.data.replay > 0:
+        # Self-distillation replay: the base's own answers to general prompts (the half the
+        # forgetting guard never evaluates), so the round keeps what the base could do.
+        from evertune.evaluation.general import replay_records
+
+        replay = replay_records(cfg, ws.root, base_path, len(train_records))
+        record_event(ws, job.id, f"Replay: {len(replay)} general-set examples answered by the "
+                     f"base model mixed into {len(train_records)} training examples "
+                     f"(data.replay={cfg.data.replay:g})")
+        train_records = train_records + replay
+    train_ex, skipped = tokenize_split(train_records, tokenizer, cfg.data.max_seq_len, truncate)
     if skipped:
         record_event(
             ws,
@@ -653,6 +662,7 @@ def _train(ws: Workspace, job: Job, result: SftResult) -> None:
             max_seq_len=cfg.data.max_seq_len,
             dtype=cfg.model.dtype,
             dataset=job.training_file,
+            replay=cfg.data.replay,
         ).to_dict(),
     }
     (tmp / RESULT_META).write_text(json.dumps(meta, indent=2) + "\n", "utf-8")
