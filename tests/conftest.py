@@ -21,10 +21,14 @@ from evertune.testing import build_tiny_model  # noqa: E402
 from evertune.workspace import Workspace  # noqa: E402
 
 # Small settings so a whole tune → eval → register cycle takes seconds on 2 CPU cores.
+# The forgetting guard and replay are off here: the random tiny model has no general ability
+# to keep (any training moves its noise answers), so the guard would reject every round of
+# tests about something else. tests/evaluation/test_forgetting_guard.py tests them on a tiny
+# model taught a general ability; tests that need them turn them on.
 TINY_SETTINGS = {
     "train": {"n_epochs": 1, "batch_size": 4, "checkpoint_every": 2, "learning_rate": 0.01},
-    "data": {"max_seq_len": 128},
-    "eval": {"max_examples": 8, "max_new_tokens": 8, "batch_size": 8},
+    "data": {"max_seq_len": 128, "replay": 0.0},
+    "eval": {"max_examples": 8, "max_new_tokens": 8, "batch_size": 8, "general": False},
     "gate": {"bootstrap_samples": 200},
 }
 

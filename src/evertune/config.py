@@ -71,9 +71,11 @@ class DataArgs(_Args):
     trust_unverified_feedback: bool = False
     """Also train on feedback about responses this server cannot show it produced (an unknown
     response id, prompt and answer sent by the client); false keeps them for review only."""
-    replay: float = Field(0.0, ge=0, lt=1)
+    replay: float = Field(0.1, ge=0, lt=1)
     """Share of each training set made of general-ability examples answered by the base model
-    itself (self-distillation replay), so a round keeps what the base could do; 0 = none."""
+    itself (self-distillation replay), so a round keeps what the base could do; 0 = none.
+    Measured on the default model (bench/forgetting.py): a narrow LoRA round raised the loss of
+    the base's own general answers by 1.1 nats/token without replay and by 0.18 with 0.1."""
 
 
 class LoraArgs(_Args):
@@ -195,7 +197,7 @@ class GateArgs(_Args):
         GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.05),
     ]
     general_rules: list[GateRule] = [
-        GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.25),
+        GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.4),
     ]
     """Rules on the general-ability split (forgetting guard), candidate vs reference: loss is
     the teacher-forced loss of the base's own answers (a KL proxy: how far the candidate moved
@@ -296,7 +298,7 @@ class DriftArgs(_Args):
     """Training prompts compared: a seeded sample of the PROD version's train split (their
     embeddings are computed once per dataset version and cached)."""
     every_seconds: float = Field(60.0, gt=0)
-    """How often drift is recomputed (a check with no new served prompt is skipped)."""
+    """How often drift is recomputed (skipped while nothing new is logged and PROD stays)."""
     threshold: float = Field(0.01, ge=0.001, lt=1)
     """Drift is reported (gauge, audit event) when the two-sample test's p-value falls below
     this. At least 0.001: the permutation test's smallest p-value is 1/1001."""

@@ -8,8 +8,8 @@
 fine-tuning API under `/v1/files` and `/v1/fine_tuning`), the OpenAI-compatible serving
 endpoints (`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/feedback`),
 Prometheus metrics (`/metrics`), and in its lifespan the DBOS runtime (which resumes
-interrupted pipeline runs) and the bucket watcher. Nothing durable lives in this process:
-killing it loses nothing (see pipeline.py).
+interrupted pipeline runs), the bucket watcher and the drift monitor. Nothing durable lives
+in this process: killing it loses nothing (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def create_app(
 
     gateway = Gateway(ws, stages=stages) if serving else None
     watcher: Any = None
+    drift: Any = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal watcher
+        nonlocal watcher, drift
         # The finally also runs when start-up fails (serving cannot load a version, say), so
         # the pipeline's threads stop and the process exits with the error instead of lingering.
         try:
@@ -51,6 +52,11 @@ def create_app(
                 pipeline.launch(ws)
                 watcher = Watcher(ws)
                 watcher.start()
+                # Once per workspace, like the watcher: it writes audit events, starts rounds.
+                from evertune.monitoring.drift import DriftMonitor
+
+                drift = DriftMonitor(ws)
+                drift.start()  # no-op with monitor.drift.enabled: false
             if gateway is not None:
                 gateway.start()
             # Everything loaded so far (torch, MLflow, DBOS, the models) lives for the whole
@@ -62,6 +68,8 @@ def create_app(
             app.state.ready = True
             yield
         finally:
+            if drift is not None:
+                drift.stop()
             if watcher is not None:
                 watcher.stop()
             if gateway is not None:

@@ -21,6 +21,26 @@ dashboard can compare a new PROD version with the one before it across a swap.
 | evertune_stage_version                         | gauge     | stage (version number; 0 = base)|
 | evertune_batch_size                            | histogram | engine                          |
 
+Drift monitoring (`evertune.monitoring.drift`, set by the control process after each check,
+labelled by the model name and the version; the drift gauges name the PROD version):
+
+| metric                                         | type      | labels                          |
+|------------------------------------------------|-----------|---------------------------------|
+| evertune_drift_p_value                         | gauge     | model, version                  |
+| evertune_drift_statistic                       | gauge     | model, version (MMD², RBF)      |
+| evertune_drift_detected                        | gauge     | model, version (1 = drifted)    |
+| evertune_drift_prompts                         | gauge     | model, version                  |
+| evertune_drift_last_check_timestamp_seconds    | gauge     | model                           |
+| evertune_output_responses                      | gauge     | model, version (in the window)  |
+| evertune_output_answer_tokens_mean             | gauge     | model, version                  |
+| evertune_output_empty_ratio                    | gauge     | model, version                  |
+| evertune_output_refusal_ratio                  | gauge     | model, version                  |
+| evertune_output_feedback_ratio                 | gauge     | model, version                  |
+| evertune_output_rated_down_ratio               | gauge     | model, version (of rated ones)  |
+
+A drift series is absent, not zero, while there is no figure (too few served prompts, no
+version in PROD): a p-value of 0 or 1 would be a claim.
+
 The registry is our own (not prometheus_client's global one) so that several gateways in one
 test process, or a gateway beside other instrumented libraries, never collide on names.
 """
@@ -121,6 +141,74 @@ class ServingMetrics:
             "Requests decoded together, observed at each decode step.",
             ["engine"],
             buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        drift = ["model", "version"]
+        self.drift_p_value = Gauge(
+            "evertune_drift_p_value",
+            "Two-sample test p-value, served prompts vs the PROD version's training prompts "
+            "(low = the prompts differ).",
+            drift,
+            registry=r,
+        )
+        self.drift_statistic = Gauge(
+            "evertune_drift_statistic",
+            "MMD² (RBF kernel) between the embeddings of served and training prompts.",
+            drift,
+            registry=r,
+        )
+        self.drift_detected = Gauge(
+            "evertune_drift_detected",
+            "1 while drift is reported (p-value below monitor.drift.threshold), else 0.",
+            drift,
+            registry=r,
+        )
+        self.drift_prompts = Gauge(
+            "evertune_drift_prompts",
+            "Served prompts compared in the last drift check.",
+            drift,
+            registry=r,
+        )
+        self.drift_checked = Gauge(
+            "evertune_drift_last_check_timestamp_seconds",
+            "Unix time of the last drift check (alert when it stops moving).",
+            ["model"],
+            registry=r,
+        )
+        self.output_responses = Gauge(
+            "evertune_output_responses",
+            "Logged answers of the version that the output signals cover.",
+            drift,
+            registry=r,
+        )
+        self.output_tokens = Gauge(
+            "evertune_output_answer_tokens_mean",
+            "Mean answer length in tokens.",
+            drift,
+            registry=r,
+        )
+        self.output_empty = Gauge(
+            "evertune_output_empty_ratio",
+            "Share of answers that are empty or whitespace.",
+            drift,
+            registry=r,
+        )
+        self.output_refusal = Gauge(
+            "evertune_output_refusal_ratio",
+            "Share of answers that open with a refusal phrase (evertune.monitoring.drift).",
+            drift,
+            registry=r,
+        )
+        self.output_feedback = Gauge(
+            "evertune_output_feedback_ratio",
+            "Share of responses that got feedback (a rating or a correction).",
+            drift,
+            registry=r,
+        )
+        self.output_rated_down = Gauge(
+            "evertune_output_rated_down_ratio",
+            "Share of the responses with feedback that were rated down.",
+            drift,
             registry=r,
         )
 

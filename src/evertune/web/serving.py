@@ -1,7 +1,8 @@
 """The serving page (`/serving`) and the serving health the overview shows.
 
     GET /serving?window=1h     per version over time: requests/s, error rate, time to first
-                               token (p50), time per output token (p50); the 50 newest logged
+                               token (p50), time per output token (p50); prompt drift of PROD
+                               and its answers' output signals; the 50 newest logged
                                requests (redacted as stored); the newest feedback records
 
     health = summary(ws, window_s=900)     # the overview's card: requests, errors, TTFT p50
@@ -17,6 +18,12 @@ are divided by the sample share to estimate what was served; error rates and lat
 percentiles are taken from the sample as is (a uniform sample estimates them unbiased). The
 share is today's setting: a window that spans a change of it is estimated with the new one.
 
+Drift comes from the `drift_checks` rows the drift monitor writes (`evertune.monitoring.drift`,
+in `evertune up`): a chart of -log10 p per PROD version with the threshold dashed (above the
+line = drift; -log10 p rather than p because the interesting values sit between 0.001 and
+0.05, flat on a 0-1 axis), a chart of PROD's empty / refusal / rated-down shares, and the
+latest check with its output signals per version.
+
 Feedback comes from the landing bucket's `feedback/<UTC date>/<response id>.<sender>.jsonl` objects
 (`evertune.monitoring.feedback`), day folders newest first, stopping after FEEDBACK_LIMIT
 records or FEEDBACK_DAYS days, so an S3 bucket costs a few LIST calls, not a full listing.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -63,6 +71,7 @@ LOG_ROWS = 50
 TEXT_LIMIT = 160  # characters of a prompt or completion shown in the request log table
 FEEDBACK_LIMIT = 20
 FEEDBACK_DAYS = 14  # day folders looked at, newest first, before giving up
+DRIFT_POINTS = 360  # checks drawn per chart at most (every k-th beyond; the newest always)
 
 
 @dataclass(frozen=True)
@@ -301,6 +310,65 @@ def charts(data: dict[str, Any], window: Window) -> dict[str, Any]:
     }
 
 
+# -- drift -------------------------------------------------------------------------------------
+
+
+def drift_view(ws: Workspace, window: Window, now: float | None = None) -> dict[str, Any]:
+    """The drift section: {"enabled", "every_seconds", "threshold", "latest" (DriftReport |
+    None: the newest check, however old), "checks" (drawn, in the window), "charts": {"drift",
+    "signals"}}."""
+    from evertune.monitoring.drift import list_checks
+
+    now = time.time() if now is None else now
+    cfg = ws.config.monitor.drift
+    checks = list_checks(ws, since=now - window.seconds)
+    newest = list_checks(ws, since=0, limit=1)
+    if len(checks) > DRIFT_POINTS:
+        step = -(-len(checks) // DRIFT_POINTS)
+        checks = checks[::-1][::step][::-1]  # every step-th counted from the newest
+
+    def x(t: float) -> float:
+        return round((t - now) / window.unit_s, 3)
+
+    span = (-window.seconds / window.unit_s, 0.0)
+    x_label = f"{window.unit} ago"
+    # One line per PROD version (a promotion starts a new one); a check without a figure is a gap.
+    versions = list(dict.fromkeys(c.version for c in checks if c.version))[-(MAX_SERIES - 1):]
+    score = []
+    for v in versions:
+        points: list[tuple[float, float | None]] = []
+        for c in checks:
+            p = c.p_value if c.version == v else None
+            points.append((x(c.created_at), -math.log10(p) if p else None))
+        score.append(Series(v, points))
+    if score:
+        level = -math.log10(cfg.threshold)
+        score.append(Series(f"threshold (p = {cfg.threshold:g})",
+                            [(span[0], level), (span[1], level)], dashed=True))
+    signals: list[Series] = []
+    for name, key in (("empty", "empty_ratio"), ("refusals", "refusal_ratio"),
+                      ("rated down", "rated_down_ratio")):
+        points = []
+        for c in checks:
+            got = next((getattr(s, key) for s in c.signals if s.version == c.version), None)
+            points.append((x(c.created_at), None if got is None else got * 100))
+        signals.append(Series(name, points))
+    return {
+        "enabled": cfg.enabled,
+        "every_seconds": cfg.every_seconds,
+        "threshold": cfg.threshold,
+        "latest": newest[-1] if newest else None,
+        "checks": len(checks),
+        "charts": {
+            "drift": line_chart(score, title="Prompt drift of PROD vs its training prompts",
+                                x_range=span, caption=True, x_label=x_label,
+                                y_label="-log10 p", y_min=0),
+            "signals": line_chart(signals, title="PROD answers", x_range=span, caption=True,
+                                  x_label=x_label, y_label="% of answers", y_min=0),
+        },
+    }
+
+
 # -- request log and feedback ------------------------------------------------------------------
 
 
@@ -440,6 +508,7 @@ def add_routes(router: APIRouter, c: Console) -> None:
             request, me, "serving.html", title="Serving",
             prod=by_alias.get("prod"), qa=by_alias.get("qa"), stages=stages,
             window=span, windows=list(WINDOWS), health=health, charts=charts(data, span),
+            drift=drift_view(ws, span),
             hidden_versions=data["versions"][MAX_SERIES:], requests=requests,
             feedback=recent_feedback(ws), feedback_limit=FEEDBACK_LIMIT,
             feedback_days=FEEDBACK_DAYS,
