@@ -79,7 +79,9 @@ def _train(tiny: Path, steps: int, folder: Path) -> Path:
     )
     rows = [{"input": r["input"], "output": ANSWER.format(r["output"])} for r in TICKETS]
     examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in rows]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    # 1e-2 for 300 steps learns the whole answer; 2e-2 for 150 left it garbled after "the
+    # team for" (measured with transformers 5.24 / peft 0.21).
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(steps):
         batch = [examples[(step * 8 + j) % len(examples)] for j in range(8)]
@@ -99,7 +101,7 @@ def _train(tiny: Path, steps: int, folder: Path) -> Path:
 @functools.cache
 def trained_adapter(tiny: Path) -> Path:
     """A LoRA adapter of the tiny model that answers with a team name."""
-    return _lora(tiny, 150, _tempdir("evertune-lora-") / "adapter")
+    return _lora(tiny, 300, _tempdir("evertune-lora-") / "adapter")
 
 
 @functools.cache
@@ -123,10 +125,12 @@ def use_mlflow_template(ws: Workspace) -> Workspace:
 
 
 def add_dataset(ws: Workspace, tmp: Path) -> str:
-    """Store TICKETS as a dataset version of `ws`; its id."""
+    """Store TICKETS, answered the way trained_adapter answers (ANSWER), as a dataset version
+    of `ws`; its id. Evaluated on it, trained_adapter clearly beats the base model."""
     from evertune import steps
 
-    return steps.preprocess(ws, [write_jsonl(tmp / "tickets.jsonl", TICKETS)]).versions[0].id
+    rows = [{"input": r["input"], "output": ANSWER.format(r["output"])} for r in TICKETS]
+    return steps.preprocess(ws, [write_jsonl(tmp / "tickets.jsonl", rows)]).versions[0].id
 
 
 def register(

@@ -62,7 +62,9 @@ def test_full_finetune_at_a_high_rate_trips_the_guard_and_default_lora_passes(
     outcomes = {}
     for name, train in [("lora", {}),  # train.* defaults: LoRA r16, lr 1e-3, 3 epochs
                         ("full", {"full_finetune": True, "learning_rate": 0.01})]:
-        ws = _workspace(tmp_path / name, able_model, train)
+        # Without replay, so the guard alone is what stands between forgetting and PROD
+        # (replay would teach this tiny model its one ability back; see the next test).
+        ws = _workspace(tmp_path / name, able_model, train, data={"replay": 0.0})
         dataset = steps.preprocess(ws, [tickets]).versions[0]
         job = steps.finetune(ws, dataset)
         report = steps.evaluate(ws, job)
