@@ -44,8 +44,10 @@ def make_workspace(root: Path, tiny_model: Path, **sections: dict) -> Workspace:
     cfg_path = root / "evertune.yaml"
     raw = yaml.safe_load(cfg_path.read_text())
     raw["model"]["base"] = str(tiny_model)
-    for section, values in {**TINY_SETTINGS, **sections}.items():
-        raw.setdefault(section, {}).update(values)
+    # Section by section: a test's `eval` settings change those keys, the others stay tiny.
+    for settings in (TINY_SETTINGS, sections):
+        for section, values in settings.items():
+            raw.setdefault(section, {}).update(values)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return Workspace.open(root)
 

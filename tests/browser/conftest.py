@@ -35,6 +35,7 @@ from evertune import auth, deploy
 from evertune.bucket import Bucket
 from evertune.workspace import Workspace
 from tests.api.helpers import (
+    ANSWER,
     FAST_TESTS,
     TEAMS,
     add_dataset,
@@ -63,9 +64,9 @@ CONSOLE_SETTINGS: dict[str, dict[str, Any]] = {
     "eval": {"max_examples": 8, "max_new_tokens": 8, "batch_size": 8,
              "metrics": ["loss", "rouge", "exact_match"]},
     # v2 must pass the gate so that it waits for approval (tests/evaluation covers failing
-    # verdicts). Training is seeded, so v2 is the same model on every run: its loss is ~0.1
-    # below v1's (ROUGE is 0 for both: the tiny model answers with word pieces).
-    "gate": {"bootstrap_samples": 200, "rules": [
+    # and inconclusive verdicts). With 8 examples of the tiny model the intervals straddle
+    # the margins, so an inconclusive check counts as a pass here.
+    "gate": {"bootstrap_samples": 200, "on_inconclusive": "pass", "rules": [
         {"metric": "loss", "higher_is_better": False, "non_inferiority_margin": 0.5},
         {"metric": "rougeL", "higher_is_better": True, "non_inferiority_margin": 0.1},
     ]},
@@ -77,8 +78,10 @@ CONSOLE_SETTINGS: dict[str, dict[str, Any]] = {
 def drop_rows() -> list[str]:
     """The JSON Lines the test drops into raw-data/: 40 new tickets in the TICKETS style, plus
     rows the DataPreprocessing step rejects or drops, so the dataset page has rejects to show."""
+    # Answered the way trained_adapter (v1) answers: the tiny model's LoRA learns a sentence
+    # reliably, while a bare label can leave it answering nothing (system tests reject that).
     rows = [json.dumps({"input": f"Ticket {i}: please route my {TEAMS[i % 5]} question",
-                        "output": TEAMS[i % 5]}) for i in range(40, 80)]
+                        "output": ANSWER.format(TEAMS[i % 5])}) for i in range(40, 80)]
     rows.append(json.dumps({"input": "Ticket 80: where is my parcel?"}))  # no output
     rows.append(json.dumps({"input": "", "output": "billing"}))  # empty input
     rows.append(rows[0])  # an exact duplicate
