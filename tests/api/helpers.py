@@ -52,7 +52,22 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _lora(tiny: Path, steps: int, folder: Path) -> Path:
+    rows = [{"input": r["input"], "output": ANSWER.format(r["output"])} for r in TICKETS]
+    return train_lora(tiny, rows, steps, folder)
+
+
+def train_lora(base: Path, records: list[dict[str, str]], steps: int, folder: Path,
+               lr: float = 1e-2) -> Path:
+    """A LoRA adapter of `base` trained in-process on input/output `records`, saved at `folder`.
+
+    1e-2 for 300 steps learns a sentence answer on the tiny model; 2e-2 for 150 left it garbled
+    after "the team for" (measured with transformers 5.24 / peft 0.21).
+    """
     import torch
+    from peft import LoraConfig, get_peft_model
+
+    from evertune.data.templating import to_example, tokenize_example
+    from evertune.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
     # One thread: on shared CI cores torch's thread pool spins against other processes and a
@@ -60,41 +75,29 @@ def _lora(tiny: Path, steps: int, folder: Path) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(tiny, steps, folder)
+        tok = load_tokenizer(base)
+        model = get_peft_model(
+            load_model(base),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+        examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in records]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model.train()
+        for step in range(steps):
+            batch = [examples[(step * 8 + j) % len(examples)] for j in range(8)]
+            width = max(len(e.input_ids) for e in batch)  # type: ignore[union-attr]
+            ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e.input_ids))
+                                for e in batch])  # type: ignore[union-attr]
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels))
+                                   for e in batch])  # type: ignore[union-attr]
+            mask = (torch.arange(width)[None, :] < torch.tensor(
+                [len(e.input_ids) for e in batch])[:, None]).long()  # type: ignore[union-attr]
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.save_pretrained(folder)
     finally:
         torch.set_num_threads(threads)
-
-
-def _train(tiny: Path, steps: int, folder: Path) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from evertune.data.templating import to_example, tokenize_example
-    from evertune.models import load_model, load_tokenizer
-
-    tok = load_tokenizer(tiny)
-    model = get_peft_model(
-        load_model(tiny),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    rows = [{"input": r["input"], "output": ANSWER.format(r["output"])} for r in TICKETS]
-    examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in rows]
-    # 1e-2 for 300 steps learns the whole answer; 2e-2 for 150 left it garbled after "the
-    # team for" (measured with transformers 5.24 / peft 0.21).
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(steps):
-        batch = [examples[(step * 8 + j) % len(examples)] for j in range(8)]
-        width = max(len(e.input_ids) for e in batch)  # type: ignore[union-attr]
-        ids = torch.tensor([e.input_ids + [tok.pad_token_id] * (width - len(e.input_ids))
-                            for e in batch])  # type: ignore[union-attr]
-        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels))
-                               for e in batch])  # type: ignore[union-attr]
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(folder)
     return folder
 
 

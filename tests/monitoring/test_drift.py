@@ -44,9 +44,9 @@ from evertune.monitoring.feedback import build_record, write_feedback
 from evertune.monitoring.request_log import RequestLog
 from evertune.registry import Registry
 from evertune.workspace import Workspace
-from tests.api.helpers import register, use_mlflow_template, write_jsonl
+from tests.api.helpers import register, train_lora, use_mlflow_template, write_jsonl
 from tests.conftest import make_workspace
-from tests.serving.fixtures import FAST_SERVE, THREADS, app_for, new_gateway, run_server, to_prod
+from tests.serving.fixtures import FAST_SERVE, app_for, new_gateway, run_server, to_prod
 
 DRIFT_SETTINGS = {"window": 30, "min_prompts": 20, "reference_prompts": 200,
                   "every_seconds": 0.2, "threshold": 0.01, "start_round": True}
@@ -86,39 +86,7 @@ def cooking(rng: random.Random) -> str:
 
 def train_adapter(base: Path, records: list[dict[str, str]], out: Path, n_steps: int = 60) -> Path:
     """A LoRA adapter of `base` trained in-process on `records` (input/output)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from evertune.data.templating import to_example, tokenize_example
-    from evertune.models import load_model, load_tokenizer
-
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)  # shared CI cores: one thread is faster (tests/serving)
-    try:
-        tok = load_tokenizer(base)
-        model = get_peft_model(load_model(base), LoraConfig(
-            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-        examples = [tokenize_example(to_example(r, tok), tok, 128, False) for r in records]
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-        model.train()
-        for step in range(n_steps):
-            batch = [examples[(step * 8 + j) % len(examples)] for j in range(8)]
-            width = max(len(e.input_ids) for e in batch)  # type: ignore[union-attr]
-            pad = tok.pad_token_id
-            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids))
-                                for e in batch])  # type: ignore[union-attr]
-            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels))
-                                   for e in batch])  # type: ignore[union-attr]
-            mask = (torch.arange(width)[None, :] < torch.tensor(
-                [len(e.input_ids) for e in batch])[:, None]).long()  # type: ignore[union-attr]
-            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.save_pretrained(out)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return train_lora(base, records, n_steps, out, lr=2e-2)
 
 
 @pytest.fixture(scope="module")
