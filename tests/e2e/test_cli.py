@@ -45,6 +45,7 @@ def test_init_data_tune_eval_models(tmp_path: Path, tiny_model: Path) -> None:
         cfg[section].update(values)
     # the tiny tokenizer spends more tokens on a ticket than a real one
     cfg["data"]["max_seq_len"] = 384
+    cfg["eval"]["general"] = True  # the forgetting guard's split, shown by `models show`
     (ws / "evertune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
     data = ws / "bucket" / "raw-data" / "tickets.jsonl"
@@ -75,6 +76,11 @@ def test_init_data_tune_eval_models(tmp_path: Path, tiny_model: Path) -> None:
 
     out = evertune("models", "show", "1", cwd=ws)
     assert "job" in out.stdout and "ftjob-" in out.stdout
+    # The gate split by split, the forgetting guard's general split among them.
+    assert "gate by split (candidate vs base)" in out.stdout
+    split_rows = {line.split()[1] for line in out.stdout.splitlines()
+                  if line.startswith("│ ") and len(line.split()) > 2}
+    assert {"test", "general"} <= split_rows, out.stdout
 
     out = evertune("jobs", "list", cwd=ws)
     assert "succeeded" in out.stdout

@@ -49,7 +49,7 @@ from tests.conftest import make_workspace
 # Evaluation without the embedding model (seconds saved); the gate keeps a text metric and loss.
 SETTINGS: dict[str, dict[str, Any]] = {
     "eval": {"max_examples": 8, "max_new_tokens": 8, "batch_size": 8,
-             "metrics": ["loss", "rouge", "exact_match"]},
+             "metrics": ["loss", "rouge", "exact_match"], "general": True},
     "gate": {"bootstrap_samples": 200, "rules": [
         {"metric": "rougeL", "higher_is_better": True, "non_inferiority_margin": 0.02},
         {"metric": "loss", "higher_is_better": False, "non_inferiority_margin": 0.05}]},
@@ -196,6 +196,22 @@ def test_version_page_shows_the_reports_metrics_with_the_gates_intervals(
     assert "fail" in verdict and "prod v1" in verdict
     for reason in site.report.reasons:
         assert reason in verdict
+
+
+def test_version_page_shows_the_forgetting_guard_as_its_own_split(
+    site: Site, clients: dict[str, TestClient]
+) -> None:
+    html = get(clients["viewer"], "/models/2")
+    general = site.report.splits["general"]
+    table = element(html, "metrics-table-general")
+    assert "answered by the base model" in html  # the split's source, in its heading
+    row = re.search(r'<tr data-metric="loss">.*?</tr>', table, re.S)
+    assert row, "no loss row in the general split"
+    shown = text(row.group(0))
+    rule = general.gate.rules[0]
+    assert f3(general.means["candidate"]["loss"]) in shown
+    assert f"{rule.difference:+.3f} [{rule.ci_low:+.3f}, {rule.ci_high:+.3f}]" in shown
+    assert rule.outcome in shown
 
 
 def test_version_page_shows_the_worst_regressions_side_by_side(
