@@ -171,7 +171,8 @@ def test_approver_follows_a_run_approves_and_rolls_back(
     # Approve v2: QA, system tests, PROD (deploy.auto_promote).
     page.goto("/models/2")
     assert by_testid(page, "version-stage").inner_text().strip() == "pending"
-    assert "pass" in by_testid(page, "gate-verdict").inner_text().lower(), page.inner_text("main")[:3000]
+    verdict = by_testid(page, "gate-verdict").inner_text()
+    assert "pass" in verdict.lower(), verdict
     assert by_testid(page, "metrics-table").is_visible()
     shots(page, "model-v2", phone=True)
     page.fill("#comment-approve", "routes the new tickets")
