@@ -413,3 +413,43 @@ def test_a_failed_run_is_retried_without_retraining_and_an_unchanged_drop_is_ski
     finally:
         watcher.stop()
         pipeline.shutdown()
+
+
+@pytest.mark.slow
+def test_a_judge_that_is_down_fails_the_evaluation_and_the_retry_scores_with_it(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from evertune.evaluation.report import load_report
+    from tests.evaluation.test_judge import ScriptedJudge
+    from tests.serving.fixtures import free_port, run_server
+
+    port = free_port()  # nothing listens there yet: the judge is down
+    judge = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "scripted"}
+    ws = make_workspace(tmp_path / "ws", tiny_model,
+                        **{**PIPELINE_SETTINGS, "eval": {**PIPELINE_SETTINGS["eval"],
+                                                         "judge": judge}})
+    bucket = Bucket.for_workspace(ws)
+    pipeline.launch(ws, warm=False)
+    watcher = Watcher(ws)
+    try:
+        bucket.write_bytes("raw-data/tickets.jsonl", tickets())
+        [first] = watcher.scan_once()
+        failed = pipeline.wait_run(ws, first, timeout=300)
+        assert failed.status == "failed" and failed.error.startswith("ModelEvaluation: ")
+        assert f"127.0.0.1:{port}" in failed.error and "runs retry" in failed.error
+        assert Registry(ws).list_versions() == []
+
+        # The judge is back at the same address: the retry evaluates with it and registers.
+        script = ScriptedJudge()
+        with run_server(script.app(), port=port):
+            retry_id = pipeline.retry_run(ws, first)
+            retried = pipeline.wait_run(ws, retry_id, timeout=300)
+        assert retried.status == "succeeded", retried.error
+        assert script.prompts, "the retry never asked the judge"
+        [version] = Registry(ws).list_versions()
+        report = load_report(ws.evals_dir / version.eval_report / "report.json")
+        test = report.splits["test"]
+        assert "judge_score" in test.means["candidate"]
+        assert all(row.judge is not None for row in test.rows)
+    finally:
+        pipeline.shutdown()

@@ -198,7 +198,7 @@ def _print_dataset(v: Any) -> None:
                 f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats
             ),
         )
-    for key in ("duplicates_dropped", "in_golden_set", "truncated"):
+    for key in ("duplicates_dropped", "in_golden_set", "in_regression_suite", "truncated"):
         if v.report.get(key):
             t.add_row(key.replace("_", " "), str(v.report[key]))
     if v.report.get("origin") == "union":

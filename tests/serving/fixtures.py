@@ -136,11 +136,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(app: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a thread; yield its base URL."""
+def run_server(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve `app` with uvicorn on loopback (`port`, else a free one) in a thread; yield its
+    base URL."""
     import uvicorn
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
