@@ -359,10 +359,10 @@ def _parent(ws: Workspace, model: str | None) -> str | None:
 
 
 def _pick_dataset(versions: Sequence[Any], method: str, file_id: str) -> Any:
-    from evertune.training.jobs import METHOD_FOR_KIND
+    from evertune.training.recipes import method_for_kind
 
     for v in versions:
-        if METHOD_FOR_KIND.get(v.kind) == method:
+        if method_for_kind(v.kind) == method:
             return v
     kinds = ", ".join(sorted({v.kind for v in versions})) or "none"
     raise ApiError(400, f"{file_id} holds no records for method {method!r} (found: {kinds}); "

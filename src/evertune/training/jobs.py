@@ -61,9 +61,6 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset({"queued"}),
 }
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-# The training method each dataset kind feeds; only supervised has a recipe so far.
-METHOD_FOR_KIND = {"sft": "supervised", "dpo": "dpo", "pretrain": "pretrain"}
-RECIPES = frozenset({"supervised"})
 
 
 class Job(BaseModel):
@@ -393,10 +390,13 @@ def fail_job(ws: Workspace, job_id: str, code: str, message: str) -> Job:
 
 def _validate_dataset(ws: Workspace, dataset: DatasetVersion, method: str) -> None:
     """Refuse a dataset that cannot train before any row is written (no half-made jobs)."""
-    wanted = METHOD_FOR_KIND.get(dataset.kind)
-    if method not in RECIPES:
+    from evertune.training.recipes import RECIPES, available, method_for_kind
+
+    wanted = method_for_kind(dataset.kind)
+    recipe = RECIPES.get(method)
+    if recipe is None or recipe.entry is None:
         raise JobError(
-            f"train.method={method!r} has no recipe yet (available: {', '.join(sorted(RECIPES))}); "
+            f"train.method={method!r} has no recipe yet (available: {', '.join(available())}); "
             "set --set train.method=supervised"
         )
     if wanted != method:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from evertune.errors import EvertuneError
 from evertune.training.jobs import fail_job, get_job
+from evertune.training.recipes import RECIPES, available
 
-RECIPES = {"supervised": "evertune.training.sft:run_sft"}
 START_WAIT_S = 30.0  # start_job marks the job running right after the spawn; allow for a slow DB
 
 
@@ -51,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         if job.status != "running":
             print(f"job {job_id} is {job.status}, not running; nothing to do", file=sys.stderr)
             return 2
-        module, _, func = RECIPES[job.method].partition(":")
+        entry = RECIPES[job.method].entry
+        if entry is None:
+            raise KeyError(job.method)
+        module, _, func = entry.partition(":")
     except EvertuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyError:
-        msg = f"no recipe for method {job.method!r} (available: {', '.join(RECIPES)})"
+        msg = f"no recipe for method {job.method!r} (available: {', '.join(available())})"
         print(f"job {job_id}: {msg}", file=sys.stderr)
         with contextlib.suppress(EvertuneError):
             fail_job(ws, job_id, "invalid_job", msg)
