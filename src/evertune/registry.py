@@ -732,6 +732,14 @@ class Registry:
             audit.create(self.ws.engine, checkfirst=True)
             self._audit_ready = True
 
+    def record_event(
+        self, mv: ModelVersion, action: str, actor: str, reason: str,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        """An audit row about a version that does not move it (a monitoring event such as
+        drift): from and to are its stage, so stage history reads it as no move."""
+        self._audit(mv.version, action, mv.stage, mv.stage, actor, reason, data)
+
     def _audit(
         self,
         version: int,

@@ -391,22 +391,23 @@ def feedback_on(
     Feedback objects are `feedback/<UTC day>/<response id>.<sender>.jsonl`: the day folders
     from `since` (at most FEEDBACK_DAYS back) are listed and only objects whose key names one
     of the ids are read (parsed once per object version). Rated down: label `negative`, or a
-    negative rating (a correction sent with one); any sender's counts."""
+    negative rating (a correction sent with one); any sender's counts, and a sender's later
+    rating of a response supersedes their earlier one, as for training (`collect_feedback`)."""
     import datetime as dt
 
     from evertune.bucket import Bucket
-    from evertune.monitoring.feedback import FEEDBACK_PREFIX
+    from evertune.monitoring.feedback import FEEDBACK_PREFIX, response_of_key
 
     bucket = Bucket.for_workspace(ws)
     today = dt.datetime.now(dt.UTC).date()
     first = today - dt.timedelta(days=FEEDBACK_DAYS - 1)
     if since is not None:
         first = max(first, dt.datetime.fromtimestamp(since, dt.UTC).date())
-    found: dict[str, bool] = {}
+    newest: dict[str, tuple[str, bool]] = {}  # object name (response.sender) → (id, down)
     day = first
-    while day <= today:
+    while day <= today:  # oldest day first: a later day's object replaces the earlier one
         for obj in bucket.list(f"{FEEDBACK_PREFIX}{day.isoformat()}/"):
-            rid = obj.key.rsplit("/", 1)[-1].split(".", 1)[0]
+            rid = response_of_key(obj.key)
             if rid not in response_ids:
                 continue
             cache_key = (bucket.url, obj.key, obj.version)
@@ -418,8 +419,11 @@ def feedback_on(
                     _FEEDBACK_CACHE[cache_key] = down
                     while len(_FEEDBACK_CACHE) > _FEEDBACK_CACHE_MAX:
                         _FEEDBACK_CACHE.popitem(last=False)
-            found[rid] = found.get(rid, False) or down
+            newest[obj.key.rsplit("/", 1)[-1]] = (rid, down)
         day += dt.timedelta(days=1)
+    found: dict[str, bool] = {}
+    for rid, down in newest.values():
+        found[rid] = found.get(rid, False) or down
     return found
 
 
@@ -526,21 +530,6 @@ def _drift_events(ws: Workspace, model: str, version: int) -> int:
             select(func.count()).select_from(audit)
             .where(audit.c.model == model, audit.c.version == version, audit.c.action == DRIFT)
         ).scalar() or 0)
-
-
-def _audit(
-    ws: Workspace, mv: ModelVersion, action: str, reason: str, data: dict[str, Any]
-) -> None:
-    """One audit row, as the registry writes them (`evertune audit`, `GET /api/audit`): the
-    version stays where it is, so from and to are its stage."""
-    from evertune.registry import audit
-
-    with ws.engine.begin() as conn:
-        conn.execute(insert(audit).values(
-            created_at=time.time(), model=mv.name, version=mv.version, action=action,
-            from_stage=mv.stage.value, to_stage=mv.stage.value, actor=ACTOR, reason=reason,
-            data=data,
-        ))
 
 
 # -- the monitor -----------------------------------------------------------------------------
@@ -743,7 +732,7 @@ class DriftMonitor:
                 data["round_not_started"] = why_not
                 report.note = why_not
         action = DRIFT if drifted else CLEARED
-        _audit(self.ws, prod, action, reason, data)
+        self.registry.record_event(prod, action, ACTOR, reason, data)
         report.event = action
         if drifted:
             log.warning("drift: %s", reason)

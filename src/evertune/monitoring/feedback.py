@@ -208,6 +208,11 @@ def feedback_key(response_id: str, when: float | None = None, sender: str = ANON
     return f"{FEEDBACK_PREFIX}{day}/{response_id}.{sender_slug(sender)}.jsonl"
 
 
+def response_of_key(key: str) -> str:
+    """The response id a feedback object key (`feedback_key`) names."""
+    return key.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
 def write_feedback(ws: Workspace, record: dict[str, Any], response_id: str) -> str:
     """Write `record` as one JSON line to the workspace bucket; return the object key.
 
