@@ -137,7 +137,7 @@ def file_sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock between processes of this machine (the cache is per machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as fh:
@@ -163,7 +163,7 @@ def resolve_base_model(spec: str, cache_dir: Path) -> Path:
             # warm-up and serving), and two workspaces' processes may start together: the
             # thread lock orders this process's loads, the file lock the processes. The second
             # waits, then finds the first one's result.
-            with _LOAD_LOCK, _file_lock(cache / f".{target.name}.lock"):
+            with _LOAD_LOCK, file_lock(cache / f".{target.name}.lock"):
                 if not (target / "config.json").is_file():
                     log.info("converting %s (%s) into %s, once per machine", spec, gguf, target)
                     _convert_gguf(gguf, target)

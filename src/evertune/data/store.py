@@ -162,7 +162,7 @@ def _write_version(
         if existing.is_file() and existing.read_text("utf-8") == rejected_text:
             return version, existing
         extra = final / f"rejected-{hashlib.sha256(rejected_text.encode()).hexdigest()[:8]}.jsonl"
-        _atomic_write(extra, rejected_text)
+        write_text_atomic(extra, rejected_text)
         return version, extra
 
     counts = {s: len(splits[s]) for s in SPLITS} | {"total": len(records)}
@@ -188,7 +188,9 @@ def _write_version(
     return version, (final / "rejected.jsonl") if rejects else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a per-process temp file and a rename: a reader never sees
+    half a file, and two writers never share a temp file."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     tmp.write_text(text, "utf-8")
     os.replace(tmp, path)

@@ -40,7 +40,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from evertune.config import GateRule
 from evertune.errors import DataError, NotFoundError
@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from evertune.generation import Generation
     from evertune.workspace import Workspace
 
+T = TypeVar("T")
 Progress = Callable[[str, int, int], None]
 """progress(label, done, total): e.g. ("candidate: generating (test)", 16, 64)."""
 
@@ -149,11 +150,12 @@ def _item(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> _Item:
     return _Item(input=shown, prompt=ex.prompt, expected=ex.completion, generative=True)
 
 
-def select_examples(records: list[dict[str, Any]], limit: int, seed: str) -> list[dict[str, Any]]:
+def select_examples(records: Sequence[T], limit: int, seed: str) -> list[T]:
     """Up to `limit` records, a sample seeded by `seed` (the dataset id), in stored order.
 
     The same dataset gives the same examples on every run, so candidates evaluated on it
-    one after another are compared on the same footing.
+    one after another are compared on the same footing. Any sequence samples alike (the
+    regression suite samples its keys, the general set its prompts).
     """
     if len(records) <= limit:
         return list(records)
@@ -217,11 +219,12 @@ def _general_records(
     from evertune.evaluation.general import general_examples, load_prompts
 
     what = "base: answering the general set (once per base model)"
+    prompts, name = load_prompts(ws.config, ws.root)
     records = general_examples(
         ws.config, ws.root, base_path, "guard", limit=ws.config.eval.general_max_examples,
+        prompts=prompts,
         progress=lambda done, total: _report_progress(progress, what, done, total),
     )
-    _, name = load_prompts(ws.config, ws.root)
     return records, f"{name}, guard half ({len(records)}), answered by the base model"
 
 
@@ -662,10 +665,10 @@ def evaluate_candidate(
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
     import json
 
+    from evertune.data.store import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def evaluated_records(ws: Workspace, report_id: str, split: str = "test") -> list[dict[str, Any]]:

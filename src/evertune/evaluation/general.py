@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from evertune.errors import DataError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from evertune.config import Config
 
@@ -141,32 +141,29 @@ def base_answers(
     *,
     max_new_tokens: int,
     dtype: str = "auto",
-    model: PreTrainedModel | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """The base model's greedy answer to each prompt record, generated once and cached.
 
-    `model` is the base model if the caller has it loaded (the training process does); it must
-    be the plain base, without adapters. The cache is per machine (beside the converted base
-    models) and keyed by the base's fingerprint, the prompts and the generation settings; a
-    file lock makes a second process wait for the first one's answers instead of redoing them.
+    The cache is per machine (beside the converted base models) and keyed by the base's
+    fingerprint, the prompts and the generation settings; a file lock makes a second process
+    wait for the first one's answers instead of redoing them.
     """
-    from evertune.models import _file_lock, load_for_inference, load_tokenizer
+    from evertune.data.store import write_text_atomic
+    from evertune.models import file_lock, load_for_inference, load_tokenizer
 
     path = _cache_file(base_path, records, max_new_tokens, dtype)
     cached = _read_cache(path, len(records))
     if cached is not None:
         return cached
-    with _file_lock(path.with_name(f".{path.name}.lock")):
+    with file_lock(path.with_name(f".{path.name}.lock")):
         cached = _read_cache(path, len(records))
         if cached is not None:
             return cached
         from evertune.generation import generate
 
         tokenizer = load_tokenizer(base_path)
-        own = model is None
-        if model is None:
-            model = load_for_inference(base_path, None, dtype=dtype)
+        model = load_for_inference(base_path, None, dtype=dtype)
         prompts = [_rendered(r, tokenizer) for r in records]
         answers: list[str] = []
         for start in range(0, len(prompts), GENERATION_BATCH):
@@ -176,13 +173,10 @@ def base_answers(
                                                  batch_size=GENERATION_BATCH)]
             if progress is not None:
                 progress(len(answers), len(prompts))
-        if own:
-            del model
+        del model
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps({"answer": a}, ensure_ascii=False) + "\n"
-                               for a in answers), "utf-8")
-        tmp.replace(path)
+        write_text_atomic(path, "".join(json.dumps({"answer": a}, ensure_ascii=False) + "\n"
+                                        for a in answers))
     return answers
 
 
@@ -204,28 +198,27 @@ def general_examples(
     *,
     limit: int | None = None,
     seed: str = "general",
-    model: PreTrainedModel | None = None,
+    prompts: list[dict[str, Any]] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Up to `limit` supervised records of one half of the general set, answered by the base.
 
     The answers of the whole set are generated (and cached) together, so evaluation and replay
     share one generation per base model. The sample is seeded by `seed`, in the set's order.
+    `prompts`: the set as `load_prompts` read it, if the caller already has it.
     """
-    records, _ = load_prompts(cfg, root)
+    records = prompts if prompts is not None else load_prompts(cfg, root)[0]
     answers = base_answers(base_path, records, max_new_tokens=cfg.eval.max_new_tokens,
-                           dtype=cfg.model.dtype, model=model, progress=progress)
+                           dtype=cfg.model.dtype, progress=progress)
+    from evertune.evaluation.evaluate import select_examples
+
     chosen = [(r, a) for r, a in zip(records, answers, strict=True) if part_of(r) == part]
-    if limit is not None and len(chosen) > limit:
-        keep = sorted(random.Random(seed).sample(range(len(chosen)), limit))
-        chosen = [chosen[i] for i in keep]
+    if limit is not None:
+        chosen = select_examples(chosen, limit, seed)
     return [_with_answer(r, a) for r, a in chosen]
 
 
-def replay_records(
-    cfg: Config, root: Path, base_path: Path, n_train: int,
-    model: PreTrainedModel | None = None,
-) -> list[dict[str, Any]]:
+def replay_records(cfg: Config, root: Path, base_path: Path, n_train: int) -> list[dict[str, Any]]:
     """The replay records for a training set of `n_train` examples: enough that they make up
     `data.replay` of the mixed set (replay / (train + replay)), drawn from the replay half
     (seeded by train.seed), repeated when the half is smaller than that."""
@@ -233,7 +226,7 @@ def replay_records(
     if share <= 0 or n_train <= 0:
         return []
     wanted = max(1, round(share * n_train / (1.0 - share)))
-    pool = general_examples(cfg, root, base_path, "replay", model=model)
+    pool = general_examples(cfg, root, base_path, "replay")
     if not pool:
         return []
     rng = random.Random(cfg.train.seed)

@@ -37,7 +37,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import tempfile
 import time
@@ -231,11 +230,10 @@ def suite_records(ws: Workspace, limit: int, seed: str) -> tuple[list[dict[str, 
     The records come in the suite's stable order (by content address), so the same seed on
     the same suite gives the same examples in the same order; only the sampled files are read.
     """
+    from evertune.evaluation.evaluate import select_examples
+
     keys = _sorted_keys(ws)
-    chosen = keys
-    if len(keys) > limit:
-        chosen = [keys[i] for i in sorted(random.Random(seed).sample(range(len(keys)), limit))]
-    return [_read(ws, k) for k in chosen], len(keys)
+    return [_read(ws, k) for k in select_examples(keys, limit, seed)], len(keys)
 
 
 def suite_info(ws: Workspace, examples: int = 3) -> SuiteInfo:
