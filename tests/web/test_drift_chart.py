@@ -13,16 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 from evertune.monitoring.drift import DriftReport, OutputSignals, record_check
-from evertune.web import console_router
 from evertune.web.charts import PAD_B, PAD_T, H
 from evertune.web.serving import drift_view, parse_window
 from evertune.workspace import Workspace
 from tests.api.helpers import use_mlflow_template
 from tests.conftest import make_workspace
+from tests.web.test_serving_page import viewer_client
 
 # (seconds ago, p-value, drifted, event): four quiet checks, then drift.
 CHECKS = [(600, 0.62, False, None), (480, 0.41, False, None), (360, 0.33, False, None),
@@ -46,16 +44,6 @@ def section(html: str, testid: str) -> str:
     return found.group(1)
 
 
-def client_for(ws: Workspace) -> TestClient:
-    app = FastAPI()
-    app.state.workspace = ws
-    app.include_router(console_router(ws))
-    c = TestClient(app, follow_redirects=False)
-    r = c.post("/login", data={"token": ws.create_token("vic", "viewer"), "next": "/"})
-    assert r.status_code == 303, r.text
-    return c
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Workspace:
     ws = use_mlflow_template(make_workspace(tmp_path_factory.mktemp("drift-page") / "ws",
@@ -75,7 +63,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Workspace:
 
 
 def test_drift_section_charts_the_checks_and_shows_the_latest(ws: Workspace) -> None:
-    html = client_for(ws).get("/serving?window=15m").text
+    html = viewer_client(ws).get("/serving?window=15m").text
     drift = section(html, "drift")
     assert drift.count("<svg") == 2
     assert "<i></i>v1</span>" in drift and "threshold (p = 0.01)" in drift
@@ -112,9 +100,9 @@ def test_drift_chart_points_sit_where_the_p_values_say(ws: Workspace) -> None:
 
 def test_no_checks_yet_and_monitoring_off_are_said(tmp_path: Path, tiny_model: Path) -> None:
     ws = use_mlflow_template(make_workspace(tmp_path / "ws", tiny_model))
-    drift = section(client_for(ws).get("/serving").text, "drift")
+    drift = section(viewer_client(ws).get("/serving").text, "drift")
     assert "No drift check yet" in drift and "<svg" not in drift
     off = use_mlflow_template(make_workspace(tmp_path / "off", tiny_model,
                                              monitor={"drift": {"enabled": False}}))
-    drift = section(client_for(off).get("/serving").text, "drift")
+    drift = section(viewer_client(off).get("/serving").text, "drift")
     assert "monitor.drift.enabled: false" in drift

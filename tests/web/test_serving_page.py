@@ -95,8 +95,8 @@ def ws(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Workspace:
     return ws
 
 
-@pytest.fixture(scope="module")
-def client(ws: Workspace) -> TestClient:
+def viewer_client(ws: Workspace) -> TestClient:
+    """The console of `ws`, logged in as a viewer."""
     app = FastAPI()
     app.state.workspace = ws
     app.include_router(console_router(ws))
@@ -104,6 +104,11 @@ def client(ws: Workspace) -> TestClient:
     r = c.post("/login", data={"token": ws.create_token("vic", "viewer"), "next": "/"})
     assert r.status_code == 303, r.text
     return c
+
+
+@pytest.fixture(scope="module")
+def client(ws: Workspace) -> TestClient:
+    return viewer_client(ws)
 
 
 def section(html: str, testid: str) -> str:
