@@ -45,6 +45,9 @@ class VersionFacts:
     dtype: str = "auto"
     dataset: str | None = None
     replay: float = 0.0  # share of the training set that was general-set replay (data.replay)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """The lineage: each training stage behind these weights, oldest first, as
+    {method, dataset, job} (a chain [pretrain, supervised, dpo] lists three)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +96,7 @@ def training_facts(
     dtype: str,
     dataset: str | None,
     replay: float = 0.0,
+    stages: list[dict[str, Any]] | None = None,
 ) -> VersionFacts:
     """The facts of a result a job is about to save (see `training.sft`)."""
     template = getattr(tokenizer, "chat_template", None)
@@ -110,6 +114,7 @@ def training_facts(
         dtype=dtype,
         dataset=dataset,
         replay=replay,
+        stages=stages or [],
     )
 
 

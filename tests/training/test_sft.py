@@ -17,11 +17,11 @@ from evertune.models import load_model, load_tokenizer
 from evertune.training import (
     create_job,
     get_job,
+    harness,
     jobs,
     list_checkpoints,
     list_events,
     list_metrics,
-    sft,
 )
 from evertune.training.sft import collate, loss_sum, lr_at, plan_batches
 from evertune.workspace import Workspace
@@ -30,14 +30,14 @@ from evertune.workspace import Workspace
 def capture_model(monkeypatch) -> list:
     """Keep a reference to the model the recipe builds (to inspect it after training)."""
     built: list = []
-    real = sft.build_model
+    real = harness.build_model
 
     def build(*args, **kwargs):
         model, kind = real(*args, **kwargs)
         built.append(model)
         return model, kind
 
-    monkeypatch.setattr(sft, "build_model", build)
+    monkeypatch.setattr(harness, "build_model", build)
     return built
 
 
@@ -198,14 +198,14 @@ def test_cancel_then_resume_continues_at_the_exact_step(
 
     def cancel_at_step_13(ws_, job_id):
         calls["n"] += 1
-        return calls["n"] == 14  # checked before each step: stop after 13 steps
+        return "cancelled" if calls["n"] == 14 else None  # checked before each step
 
-    monkeypatch.setattr(sft, "cancel_requested", cancel_at_step_13)
+    monkeypatch.setattr(harness, "stop_requested", cancel_at_step_13)
     first = run_inline(ws, job.id)
     assert get_job(ws, job.id).status == "cancelled" and first.step == 13
     # the cancel saved a checkpoint at 13, so nothing learned is lost
     assert list_checkpoints(ws, job.id)[0].step_number == 13
-    monkeypatch.setattr(sft, "cancel_requested", lambda ws_, job_id: False)
+    monkeypatch.setattr(harness, "stop_requested", lambda ws_, job_id: None)
 
     jobs.transition(ws, job.id, "queued")
     second = run_inline(ws, job.id)

@@ -52,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"job {job_id} is {job.status}, not running; nothing to do", file=sys.stderr)
             return 2
         entry = RECIPES[job.method].entry
-        if entry is None:
-            raise KeyError(job.method)
         module, _, func = entry.partition(":")
     except EvertuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
