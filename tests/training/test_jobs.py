@@ -63,11 +63,14 @@ def test_create_job_refuses_unusable_datasets(workspace, sft_dataset):
         create_job(
             workspace, dataclasses.replace(sft_dataset, counts={**sft_dataset.counts, "train": 0})
         )
-    with pytest.raises(DataError, match="train.method"):
-        create_job(workspace, dataclasses.replace(sft_dataset, kind="dpo"))
+    sft_ws = Workspace.open(workspace.root, [*workspace.overrides, "train.method=supervised"])
+    with pytest.raises(DataError, match="method 'supervised' trains on input/output"):
+        create_job(sft_ws, dataclasses.replace(sft_dataset, kind="dpo"))
     dpo_ws = Workspace.open(workspace.root, [*workspace.overrides, "train.method=dpo"])
-    with pytest.raises(JobError, match="no recipe"):
+    with pytest.raises(DataError, match="preference pairs"):
         create_job(dpo_ws, sft_dataset)
+    with pytest.raises(JobError, match="not a training method"):
+        create_job(workspace, sft_dataset, method="rlhf")
     assert list_jobs(workspace) == []  # nothing half-made
 
 
