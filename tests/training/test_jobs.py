@@ -151,3 +151,80 @@ def test_ray_backend_says_how_to_install(workspace, sft_dataset, monkeypatch):
         start_job(ws, job.id)
     job = get_job(ws, job.id)
     assert job.status == "failed" and job.error["code"] == "start_failed"
+
+
+def _start_elsewhere(monkeypatch):
+    """Backends start nothing: the job runs "on another host", so no process is checked."""
+    monkeypatch.setattr(
+        backends.LocalBackend, "start", lambda self, ws, j, folder: (None, "elsewhere")
+    )
+
+
+def test_pause_then_resume_from_the_newest_checkpoint(workspace, sft_dataset, monkeypatch):
+    _start_elsewhere(monkeypatch)
+    job = create_job(workspace, sft_dataset)
+    with pytest.raises(JobError, match="queued; only a running job can be paused"):
+        jobs.pause_job(workspace, job.id)
+    job = start_job(workspace, job.id)
+    assert jobs.stop_requested(workspace, job.id) is None
+
+    job = jobs.pause_job(workspace, job.id)
+    assert job.status == "running"  # until the training loop honours it
+    assert jobs.stop_requested(workspace, job.id) == "paused"
+    jobs.pause_job(workspace, job.id)  # asking twice is one request
+    messages = [e.message for e in list_events(workspace, job.id)]
+    assert sum("Pause requested" in m for m in messages) == 1
+    with pytest.raises(JobError, match="still running.*a pause was asked for"):
+        resume_job(workspace, job.id)
+
+    # What the training loop does on "paused": a checkpoint, then the transition.
+    ckpt = jobs.job_dir(workspace, job.id) / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
+    job = jobs.transition(workspace, job.id, "paused", message="Job paused at step 3")
+    assert job.status == "paused" and not job.finished and job.finished_at is None
+    assert jobs.check_alive(workspace, job.id).status == "paused"
+    assert job.to_openai()["status"] == "paused"
+    with pytest.raises(JobError, match="already paused"):
+        jobs.pause_job(workspace, job.id)
+    with pytest.raises(JobError, match="paused; only a queued job can start.*jobs resume"):
+        start_job(workspace, job.id)
+
+    job = resume_job(workspace, job.id)
+    assert job.status == "running" and jobs.stop_requested(workspace, job.id) is None
+    assert [e.message for e in list_events(workspace, job.id)][-2] == (
+        "Job resumed from checkpoint step-3"
+    )
+
+
+def test_cancel_wins_over_pause_and_a_paused_job_cancels_at_once(
+    workspace, sft_dataset, monkeypatch
+):
+    _start_elsewhere(monkeypatch)
+    job = start_job(workspace, create_job(workspace, sft_dataset).id)
+    jobs.pause_job(workspace, job.id)
+    cancel_job(workspace, job.id)
+    assert jobs.stop_requested(workspace, job.id) == "cancelled"
+    with pytest.raises(JobError, match="being cancelled"):
+        jobs.pause_job(workspace, job.id)
+
+    job = start_job(workspace, create_job(workspace, sft_dataset).id)
+    jobs.transition(workspace, job.id, "paused", message="Job paused at step 1")
+    job = cancel_job(workspace, job.id)
+    assert job.status == "cancelled" and job.finished_at is not None
+    assert list_events(workspace, job.id)[-1].message == "Job cancelled while paused"
+    with pytest.raises(JobError, match="cancelled; only a running job can be paused"):
+        jobs.pause_job(workspace, job.id)
+
+
+def test_to_openai_renders_the_method_like_openai(workspace, sft_dataset):
+    dpo = dataclasses.replace(sft_dataset, kind="dpo")  # only the kind is read here
+    job = create_job(workspace, dpo, method="dpo")
+    method = job.to_openai()["method"]
+    assert method["type"] == "dpo" and list(method) == ["type", "dpo"]
+    hp = method["dpo"]["hyperparameters"]
+    assert list(hp)[:4] == ["n_epochs", "batch_size", "learning_rate_multiplier", "beta"]
+    assert hp["beta"] == 0.1 and hp["n_epochs"] == 1 and hp["learning_rate_multiplier"] == "auto"
+    assert hp["loss_type"] == "sigmoid" and hp["lora_r"] == 16  # our own record follows
+    sft = create_job(workspace, sft_dataset).to_openai()["method"]
+    assert sft["type"] == "supervised" and "beta" not in sft["supervised"]["hyperparameters"]

@@ -3,8 +3,12 @@
     obj = store_upload(ws, "tickets.jsonl", fileobj, "fine-tune")   # FileObject, or ApiError 400
     file_path(ws, obj.id)                                           # the stored copy
     list_files(ws); get_file(ws, "file-…")
+    delete_file(ws, "file-…")      # 409 while a job made from it is not finished
 
-Layout: `.evertune/files/<file-id>/{meta.json, <safe filename>}`. A file is checked the way the
+Layout: `.evertune/files/<file-id>/{meta.json, <safe filename>, jobs.txt}` (jobs.txt: the jobs
+created from the file, one id per line). Deleting a file removes that folder only: the
+dataset versions made from it are content-addressed and may be shared by other files, jobs
+and registered versions, so they stay. A file is checked the way the
 DataPreprocessing step will read it (`data.validate.validate_file` with the base model's
 tokenizer and the workspace's `data` limits) and refused as a whole when any row is bad, as
 the OpenAI API refuses a training file: the 400 names the lines, fields and reasons, so the
@@ -13,12 +17,15 @@ person fixes the file before a run is ever started.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Literal
 
@@ -34,8 +41,17 @@ FILES_DIR = "files"  # under ws.state_dir
 PURPOSES = ("fine-tune",)  # what clients may upload
 RESULTS_PURPOSE = "fine-tune-results"  # what Evertune writes: a job's evaluation report
 MAX_SHOWN_PROBLEMS = 10  # rows listed in a refusal; the count says how many more
+USES = "jobs.txt"  # in a file's folder: the ids of jobs created from it, one per line
 _CHUNK = 1 << 20
 _ID = re.compile(r"file-[0-9a-f]{24}")
+
+
+class FileDeleted(BaseModel):
+    """OpenAI's answer to `DELETE /v1/files/{id}`."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
 
 
 class FileObject(BaseModel):
@@ -195,3 +211,68 @@ def list_files(ws: Workspace) -> list[FileObject]:
     objs = [FileObject.model_validate(json.loads(p.read_text()))
             for p in root.glob("file-*/meta.json")]
     return sorted(objs, key=lambda o: (o.created_at, o.id), reverse=True)
+
+
+@contextmanager
+def file_guard(ws: Workspace, file_id: str) -> Iterator[None]:
+    """Held (an exclusive lock across threads and processes of this machine) while a job is
+    created from the file and while the file is deleted, so a delete never slips between a
+    job's creation and `record_use`."""
+    if not _ID.fullmatch(file_id):  # the id becomes a path: only the shape we mint
+        _folder(ws, file_id)  # raises the 404
+    lock = ws.state_dir / FILES_DIR / f".{file_id}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def record_use(ws: Workspace, file_id: str, job_id: str) -> None:
+    """Note that job `job_id` was created from the file (read by `delete_file`)."""
+    with (_folder(ws, file_id) / USES).open("a", encoding="utf-8") as fh:
+        fh.write(job_id + "\n")
+
+
+def jobs_using(ws: Workspace, file_id: str) -> list[str]:
+    """The ids of the jobs created from the file, oldest first, each once."""
+    path = _folder(ws, file_id) / USES
+    if not path.is_file():
+        return []
+    return list(dict.fromkeys(line for line in path.read_text("utf-8").split() if line))
+
+
+def delete_file(ws: Workspace, file_id: str) -> FileDeleted:
+    """Delete an uploaded (or result) file: its bytes and record. ApiError 404 for an unknown
+    id, 409 while a job created from it is not finished (its pipeline run reads the file).
+    The dataset versions made from it stay: other files, jobs and versions may share them."""
+    from evertune.errors import NotFoundError
+    from evertune.training.jobs import get_job
+
+    _folder(ws, file_id)  # 404 before taking a lock for an id that never existed
+    with file_guard(ws, file_id):
+        folder = _folder(ws, file_id)  # 404 when another request deleted it meanwhile
+        busy: list[str] = []
+        for job_id in jobs_using(ws, file_id):
+            try:
+                job = get_job(ws, job_id)
+            except NotFoundError:
+                continue
+            if not job.finished:
+                busy.append(f"{job.id} ({job.status})")
+        if busy:
+            raise ApiError(
+                409,
+                f"file {file_id} is the training file of job(s) not finished yet: "
+                f"{', '.join(busy)}; wait until they end, or cancel them (POST "
+                "/v1/fine_tuning/jobs/{id}/cancel), then delete the file",
+                param="file_id", code="file_in_use",
+            )
+        # Renamed away first, so a reader sees the whole file or a 404, never half a folder.
+        trash = folder.with_name(f".deleted-{file_id}-{secrets.token_hex(4)}")
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    (ws.state_dir / FILES_DIR / f".{file_id}.lock").unlink(missing_ok=True)
+    return FileDeleted(id=file_id)

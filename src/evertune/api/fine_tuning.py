@@ -5,13 +5,23 @@
     f = client.files.create(file=open("tickets.jsonl", "rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(training_file=f.id, model="evertune",
                                          hyperparameters={"n_epochs": 2})
+    job = client.fine_tuning.jobs.create(training_file=pairs.id, model="evertune", method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}})   # or pretrain, kto
     client.fine_tuning.jobs.retrieve(job.id).status      # queued → running → succeeded
     client.fine_tuning.jobs.list_events(job.id)
+    client.fine_tuning.jobs.pause(job.id); client.fine_tuning.jobs.resume(job.id)
     client.fine_tuning.jobs.cancel(job.id)
 
 Routes: `POST /v1/files` (multipart, purpose fine-tune), `GET /v1/files[/{id}]`,
-`POST /v1/fine_tuning/jobs`, `GET /v1/fine_tuning/jobs[/{id}]`, `…/{id}/events`,
-`…/{id}/checkpoints`, `POST …/{id}/cancel`.
+`GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`, `POST /v1/fine_tuning/jobs`,
+`GET /v1/fine_tuning/jobs[/{id}]`, `…/{id}/events`, `…/{id}/checkpoints`,
+`POST …/{id}/cancel`, `…/{id}/pause`, `…/{id}/resume`.
+
+`method.type` is a training method of `training.recipes` (OpenAI's `supervised` and `dpo`,
+and Evertune's `pretrain` and `kto`); its hyperparameters (`n_epochs`, `batch_size`,
+`learning_rate_multiplier`, and `beta` for dpo and kto) become config overrides of the job,
+"auto" (or leaving one out) keeps the workspace's value. Without `method` the workspace's
+`train.method` decides (`auto`: the file's records do).
 
 A job created here runs through the same pipeline as a bucket drop: the file becomes a dataset
 version (`steps.preprocess`), the job is created keyed by a new run id
@@ -62,13 +72,28 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=100)] | Literal["auto"] | None = None
 
 
+class PreferenceHyperparameters(Hyperparameters):
+    """OpenAI's DPO hyperparameters (KTO takes the same): `beta` as train.dpo.beta / kto.beta."""
+
+    beta: Annotated[float, Field(gt=0, le=10)] | Literal["auto"] | None = None
+
+
+# The hyperparameters each `method.type` accepts (the keys are training.recipes' methods).
+METHOD_HYPERPARAMETERS: dict[str, type[Hyperparameters]] = {
+    "supervised": Hyperparameters,
+    "pretrain": Hyperparameters,
+    "dpo": PreferenceHyperparameters,
+    "kto": PreferenceHyperparameters,
+}
+
+
 class Method(BaseModel):
-    """OpenAI's `method` object: {"type": "supervised", "supervised": {"hyperparameters": …}}."""
+    """OpenAI's `method` object: {"type": "dpo", "dpo": {"hyperparameters": …}}; the block is
+    named after the type (checked in `_method_overrides`, which names the wrong field)."""
 
     model_config = ConfigDict(extra="allow")
 
-    type: Literal["supervised", "dpo", "reinforcement"] = "supervised"
-    supervised: dict[str, Any] | None = None
+    type: str = "supervised"
 
 
 class CreateJobRequest(BaseModel):
@@ -150,6 +175,14 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
     ) -> file_store.FileObject:
         return file_store.get_file(ws, file_id)
 
+    @router.delete("/files/{file_id}", response_model=file_store.FileDeleted)
+    def delete_file(
+        file_id: str, _: Principal = Depends(needs("data"))  # noqa: B008
+    ) -> file_store.FileDeleted:
+        """Delete a file (409 while a job made from it is not finished); the dataset versions
+        it made stay, as other files, jobs and registered versions may share them."""
+        return file_store.delete_file(ws, file_id)
+
     # -- jobs ----------------------------------------------------------------------------
     @router.post(
         "/fine_tuning/jobs",
@@ -186,13 +219,18 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
             run_id = "run-api-" + secrets.token_hex(8)
         if not idempotency_key or not _run_exists(ws, run_id):  # a retry is never refused
             check_run_capacity(ws)
-        try:
-            added = steps.preprocess(job_ws, [path])
-        except DataError as exc:
-            raise ApiError(400, str(exc).replace(str(path), path.name), param="training_file",
-                           code="invalid_file") from None
-        dataset = _pick_dataset(added.versions, job_ws.config.train.method, body.training_file)
-        job = jobs.create_job(job_ws, dataset, parent=parent, run_id=run_id)
+        method = body.method.type if body.method is not None else job_ws.config.train.method
+        # The file may not be deleted between here and the record of the job made from it.
+        with file_store.file_guard(ws, body.training_file):
+            path = _training_file(ws, body.training_file)  # deleted while this waited: 404
+            try:
+                added = steps.preprocess(job_ws, [path])
+            except DataError as exc:
+                raise ApiError(400, str(exc).replace(str(path), path.name),
+                               param="training_file", code="invalid_file") from None
+            dataset = _pick_dataset(added.versions, method, body.training_file)
+            job = jobs.create_job(job_ws, dataset, parent=parent, run_id=run_id, method=method)
+            file_store.record_use(ws, body.training_file, job.id)
         trigger: dict[str, Any] = {
             "source": "api", "run_id": run_id, "file": str(path), "dataset": dataset.id,
             "overrides": overrides, "file_id": body.training_file, "actor": me.name,
@@ -280,6 +318,36 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
 
         return _job_out(ws, jobs.cancel_job(ws, job_id))
 
+    @router.post("/fine_tuning/jobs/{job_id}/pause")
+    def pause_job(
+        job_id: str, _: Principal = Depends(needs("jobs"))  # noqa: B008
+    ) -> dict[str, Any]:
+        """Pause a running job: it saves a checkpoint after the current step and turns
+        `paused` (the answer may still say `running`); 409 for a job that is not running."""
+        from evertune.training import jobs
+
+        return _job_out(ws, jobs.pause_job(ws, job_id))
+
+    @router.post("/fine_tuning/jobs/{job_id}/resume")
+    def resume_job(
+        job_id: str, _: Principal = Depends(needs("jobs"))  # noqa: B008
+    ) -> dict[str, Any]:
+        """Resume a paused job from its newest checkpoint; its pipeline run, still waiting,
+        then evaluates and registers it. 409 for a job in any other status."""
+        from evertune.errors import JobError
+        from evertune.training import jobs
+
+        job = jobs.check_alive(ws, job_id)
+        if job.status in ("failed", "cancelled", "queued", "validating_files"):
+            # Its pipeline run has ended (or not begun): training it here would leave nobody to
+            # evaluate and register the result.
+            raise JobError(
+                f"job {job_id} is {job.status}; only a paused job can be resumed through the "
+                f"API (`evertune jobs resume {job_id}` resumes a failed or cancelled one and "
+                "evaluates and registers it)"
+            )
+        return _job_out(ws, jobs.resume_job(ws, job_id))
+
     return router
 
 
@@ -296,22 +364,7 @@ def _overrides(ws: Workspace, body: CreateJobRequest) -> list[str]:
     """`--set` overrides for the job from OpenAI hyperparameters, method and seed."""
     hp: dict[str, Any] = {}
     if body.method is not None:
-        # {"type": "dpo", "dpo": {"hyperparameters": …}}: the block is named after the type.
-        if body.method.type == "supervised":
-            block = body.method.supervised or {}
-        else:
-            block = (body.method.model_extra or {}).get(body.method.type) or {}
-        nested = block.get("hyperparameters") or {} if isinstance(block, dict) else {}
-        try:
-            hp.update(Hyperparameters.model_validate(nested).model_dump(exclude_none=True))
-        except ValidationError as exc:
-            where = f"method.{body.method.type}.hyperparameters"
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise ApiError(400, f"{where}: {problems}", param=where,
-                           code="invalid_hyperparameters") from None
+        hp.update(_method_hyperparameters(body.method))
     if body.hyperparameters is not None:
         hp.update(body.hyperparameters.model_dump(exclude_none=True))
     out: list[str] = []
@@ -324,9 +377,51 @@ def _overrides(ws: Workspace, body: CreateJobRequest) -> list[str]:
     if hp.get("learning_rate_multiplier") not in (None, "auto"):
         rate = ws.config.train.learning_rate * float(hp["learning_rate_multiplier"])
         out.append(f"train.learning_rate={rate:.6g}")
+    if hp.get("beta") not in (None, "auto"):
+        assert body.method is not None  # beta is only accepted inside a dpo / kto method
+        out.append(f"train.{body.method.type}.beta={hp['beta']}")
     if body.seed is not None:
         out.append(f"train.seed={body.seed}")
     return out
+
+
+def _method_hyperparameters(method: Method) -> dict[str, Any]:
+    """The hyperparameters of OpenAI's `method` object, checked: ApiError 400 naming the
+    field for an unknown type, a block under the wrong name or a bad value."""
+    kind = method.type
+    if kind not in METHOD_HYPERPARAMETERS:
+        hint = ("reinforcement fine-tuning needs graders Evertune does not run; "
+                if kind == "reinforcement" else "")
+        raise ApiError(400, f"method.type {kind!r} is not a training method here; {hint}use "
+                       f"one of: {', '.join(METHOD_HYPERPARAMETERS)}", param="method.type",
+                       code="unsupported_method")
+    extra = dict(method.model_extra or {})
+    block = extra.pop(kind, None)
+    if extra:
+        name = next(iter(extra))
+        raise ApiError(400, f"method.{name} does not belong to method.type {kind!r}; put the "
+                       f"settings under method.{kind} (or set method.type to {name!r})",
+                       param=f"method.{name}", code="invalid_method")
+    if block is None:
+        return {}
+    if not isinstance(block, dict) or set(block) - {"hyperparameters"}:
+        raise ApiError(400, f"method.{kind} must be an object "
+                       '{"hyperparameters": {…}} and nothing else', param=f"method.{kind}",
+                       code="invalid_method")
+    nested = block.get("hyperparameters") or {}
+    where = f"method.{kind}.hyperparameters"
+    try:
+        parsed = METHOD_HYPERPARAMETERS[kind].model_validate(nested)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in errors
+        )
+        # Name the first bad field, as OpenAI's `param` does (`….hyperparameters.beta`).
+        first = next((str(e["loc"][0]) for e in errors if e["loc"]), None)
+        raise ApiError(400, f"{where}: {problems}", param=f"{where}.{first}" if first else where,
+                       code="invalid_hyperparameters") from None
+    return parsed.model_dump(exclude_none=True)
 
 
 def _run_exists(ws: Workspace, run_id: str) -> bool:
@@ -359,14 +454,25 @@ def _parent(ws: Workspace, model: str | None) -> str | None:
 
 
 def _pick_dataset(versions: Sequence[Any], method: str, file_id: str) -> Any:
-    from evertune.training.recipes import method_for_kind
+    """The dataset version of the file that `method` trains on (`auto`: the first one any
+    method reads); ApiError 400 saying which records the method needs."""
+    from evertune.training.recipes import RECIPES, method_for_kind
 
-    for v in versions:
-        if method_for_kind(v.kind) == method:
-            return v
-    kinds = ", ".join(sorted({v.kind for v in versions})) or "none"
-    raise ApiError(400, f"{file_id} holds no records for method {method!r} (found: {kinds}); "
-                   "supervised fine-tuning needs input/output, prompt/completion or chat rows",
+    if method == "auto":
+        found = next((v for v in versions if method_for_kind(v.kind)), None)
+    else:
+        found = next((v for v in versions if v.kind == RECIPES[method].kind), None)
+    if found is not None:
+        return found
+    kinds = sorted({v.kind for v in versions})
+    if method == "auto":
+        needs = "; ".join(f"{r.method} trains on {r.data}" for r in RECIPES.values())
+    else:
+        needs = f"{method} trains on {RECIPES[method].data}"
+    others = [m for k in kinds if (m := method_for_kind(k))]
+    hint = f", or create the job with method type {others[0]!r}" if others else ""
+    raise ApiError(400, f"{file_id} holds no records for method {method!r} (found: "
+                   f"{', '.join(kinds) or 'none'}); {needs}: upload such a file{hint}",
                    param="training_file", code="invalid_file")
 
 
@@ -395,8 +501,9 @@ def _job_out(
     # the rate), against the workspace's configured rate.
     rate = job.hyperparameters.get("learning_rate")
     if isinstance(rate, (int, float)):
-        out["hyperparameters"]["learning_rate_multiplier"] = float(
-            f"{rate / ws.config.train.learning_rate:.6g}")
+        multiplier = float(f"{rate / ws.config.train.learning_rate:.6g}")
+        out["hyperparameters"]["learning_rate_multiplier"] = multiplier
+        out["method"][job.method]["hyperparameters"]["learning_rate_multiplier"] = multiplier
     if job.status != "succeeded":
         return out
     if versions is None:

@@ -5,7 +5,8 @@
     job = create_job(ws, dataset, run_id="run-42")       # the same run_id returns the same job
     job = start_job(ws, job.id)                          # python -m evertune.training.run JOB_DIR
     job = wait_job(ws, job.id, on_progress=print)        # polls the state DB
-    evertune jobs cancel ftjob-…   /   evertune jobs resume ftjob-…
+    job = pause_job(ws, job.id)                          # checkpoint and pause after this step
+    evertune jobs cancel ftjob-…  /  evertune jobs pause ftjob-…  /  evertune jobs resume ftjob-…
 
 A job has the shape of the OpenAI fine-tuning API (`Job.to_openai()` gives the wire form) and
 lives in the state DB (`jobs`, `job_events`, `job_metrics`, `job_checkpoints`), never in
@@ -16,9 +17,15 @@ Lifecycle (anything else raises JobError naming the allowed moves):
 
     validating_files ──▶ queued ──▶ running ──▶ succeeded
           │                │          │  ╲──▶ failed ────╮
-          ╰────────────────┴──────────┴───▶ cancelled ──┴──▶ queued   (resume_job)
+          │                │          │  ╲──▶ paused ────┤──▶ queued   (resume_job)
+          ╰────────────────┴──────────┴───▶ cancelled ──╯
+                                      paused ──▶ cancelled
 
-The training child owns `running → succeeded | failed | cancelled`; the caller owns the rest.
+The training child owns `running → succeeded | failed | cancelled | paused`; the caller owns
+the rest. A pause is asked for (`pause_job`: a `pause_requested` marker file in the job's
+folder, so no schema change) and honoured by the child's loop, which sees "paused" from
+`stop_requested`, saves a checkpoint and ends its process; `resume_job` starts it again from
+that checkpoint. A paused job has no process, and is not final.
 A child that dies without saying so (kill -9, OOM killer, reboot) is noticed by `wait_job`,
 `cancel_job`, `resume_job` and `check_alive`, which mark it `failed` with code
 `process_died` and say how to resume it.
@@ -46,16 +53,21 @@ if TYPE_CHECKING:
     from evertune.data.store import DatasetVersion
     from evertune.workspace import Workspace
 
-JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+JobStatus = Literal[
+    "validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"
+]
 EventLevel = Literal["info", "warn", "error"]
 ProgressFn = Callable[[dict[str, Any]], None]
 
 # Every legal move. `running → queued` is deliberately absent: a running job is resumed only
-# after it has been marked failed (dead process) or cancelled, so the reason stays on record.
+# after it has been marked failed (dead process), cancelled or paused, so the reason stays on
+# record. A paused job has no process: it is resumed (queued, or running for a backend that
+# restarts it in place) or cancelled at once.
 TRANSITIONS: dict[str, frozenset[str]] = {
     "validating_files": frozenset({"queued", "failed", "cancelled"}),
     "queued": frozenset({"running", "failed", "cancelled"}),
-    "running": frozenset({"succeeded", "failed", "cancelled"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "paused"}),
+    "paused": frozenset({"queued", "running", "cancelled"}),
     "succeeded": frozenset(),
     "failed": frozenset({"queued"}),
     "cancelled": frozenset({"queued"}),
@@ -75,7 +87,7 @@ class Job(BaseModel):
     finished_at: float | None = None
     status: JobStatus
     model: str  # the base-model spec
-    method: str  # supervised | dpo | pretrain
+    method: str  # supervised | pretrain | dpo | kto (training.recipes)
     training_file: str  # dataset version id
     hyperparameters: dict[str, Any]
     result: dict[str, Any] | None = None  # {"path": abs path, "kind": "lora" | "full"}
@@ -93,8 +105,17 @@ class Job(BaseModel):
         return self.status in TERMINAL
 
     def to_openai(self) -> dict[str, Any]:
-        """The job as the OpenAI fine-tuning API returns it (integer timestamps, method object)."""
+        """The job as the OpenAI fine-tuning API returns it (integer timestamps, method object).
+
+        `method` is OpenAI's `{"type": "dpo", "dpo": {"hyperparameters": {n_epochs, batch_size,
+        learning_rate_multiplier, beta}}}`, followed by the rest of the job's own record
+        (learning rate, LoRA settings, …), which OpenAI clients ignore.
+        """
         hp = self.hyperparameters
+        own = {"n_epochs": hp.get("n_epochs"), "batch_size": hp.get("batch_size"),
+               "learning_rate_multiplier": "auto"}
+        if self.method in ("dpo", "kto"):
+            own["beta"] = hp.get("beta")
         return {
             "id": self.id,
             "object": self.object,
@@ -117,7 +138,8 @@ class Job(BaseModel):
             "seed": hp.get("seed"),
             "estimated_finish": None,
             "integrations": [],
-            "method": {"type": self.method, self.method: {"hyperparameters": dict(hp)}},
+            "method": {"type": self.method, self.method: {"hyperparameters": own | {
+                k: v for k, v in hp.items() if k not in own}}},
             "metadata": {"parent": self.parent, "run_id": self.run_id}
             if self.parent or self.run_id
             else None,
@@ -151,10 +173,21 @@ class JobCheckpoint(BaseModel):
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def hyperparameters_from(cfg: Config) -> dict[str, Any]:
-    """The flat hyperparameter record of a job (also logged as MLflow params by the registry)."""
+def hyperparameters_from(cfg: Config, method: str = "supervised") -> dict[str, Any]:
+    """The flat hyperparameter record of a job (also logged as MLflow params by the registry),
+    with the method's own settings (beta, loss type, block size) where it has any."""
     t = cfg.train
-    return {
+    own: dict[str, Any] = {}
+    if method == "dpo":
+        own = {"beta": t.dpo.beta, "loss_type": t.dpo.loss_type,
+               "label_smoothing": t.dpo.label_smoothing}
+    elif method == "kto":
+        own = {"beta": t.kto.beta, "desirable_weight": t.kto.desirable_weight,
+               "undesirable_weight": t.kto.undesirable_weight}
+    elif method == "pretrain":
+        own = {"block_size": t.pretrain.block_size or cfg.data.max_seq_len,
+               "packing": t.pretrain.packing}
+    return own | {
         "n_epochs": t.n_epochs,
         "batch_size": t.batch_size,
         "learning_rate": t.learning_rate,
@@ -322,6 +355,27 @@ def cancel_requested(ws: Workspace, job_id: str) -> bool:
     return bool(value)
 
 
+PAUSE_MARKER = "pause_requested"  # a file in the job's folder: pause_job asked for a pause
+
+
+def pause_requested(ws: Workspace, job_id: str) -> bool:
+    """Whether someone asked this job to pause (and no resume has cleared it since)."""
+    return (job_dir(ws, job_id) / PAUSE_MARKER).is_file()
+
+
+def _clear_pause(ws: Workspace, job_id: str) -> None:
+    (job_dir(ws, job_id) / PAUSE_MARKER).unlink(missing_ok=True)
+
+
+def stop_requested(ws: Workspace, job_id: str) -> str | None:
+    """What the training loop should stop for (read every step): "cancelled", "paused" (save a
+    checkpoint, then `transition(ws, job_id, "paused", …)` and end), or None. A cancel wins
+    over a pause."""
+    if cancel_requested(ws, job_id):
+        return "cancelled"
+    return "paused" if pause_requested(ws, job_id) else None
+
+
 def transition(
     ws: Workspace,
     job_id: str,
@@ -388,38 +442,54 @@ def fail_job(ws: Workspace, job_id: str, code: str, message: str) -> Job:
 # -- create / start / wait / cancel / resume --------------------------------------------------
 
 
-def _validate_dataset(ws: Workspace, dataset: DatasetVersion, method: str) -> None:
-    """Refuse a dataset that cannot train before any row is written (no half-made jobs)."""
-    from evertune.training.recipes import RECIPES, available, method_for_kind
+def _validate_dataset(ws: Workspace, dataset: DatasetVersion, method: str) -> str:
+    """The method the job runs (`auto` resolved by the dataset's kind); refuses a dataset that
+    cannot train with it before any row is written (no half-made jobs)."""
+    from evertune.training.recipes import RECIPES, available, resolve_method
 
-    wanted = method_for_kind(dataset.kind)
-    recipe = RECIPES.get(method)
-    if recipe is None or recipe.entry is None:
-        raise JobError(
-            f"train.method={method!r} has no recipe yet (available: {', '.join(available())}); "
-            "set --set train.method=supervised"
-        )
-    if wanted != method:
+    try:
+        method = resolve_method(method, dataset.kind)
+    except KeyError:
         raise DataError(
-            f"dataset {dataset.id} holds {dataset.kind} records, which train with method "
-            f"{wanted!r}, but train.method is {method!r}; add input/output, prompt/completion "
-            "or chat records (`evertune data add FILE`) or pick a dataset of kind sft"
+            f"dataset {dataset.id} holds {dataset.kind!r} records, which no training method reads"
+        ) from None
+    recipe = RECIPES.get(method)
+    if recipe is None:
+        raise JobError(
+            f"train.method={method!r} is not a training method; use one of: auto, "
+            f"{', '.join(available())}"
+        )
+    if recipe.kind != dataset.kind:
+        raise DataError(
+            f"dataset {dataset.id} holds {dataset.kind} records, but method {method!r} trains on "
+            f"{recipe.data}; add such records (`evertune data add FILE`), pick a dataset of kind "
+            f"{recipe.kind}, or set train.method=auto to let the data decide"
         )
     if int(dataset.counts.get("train", 0)) <= 0:
         raise DataError(
             f"dataset {dataset.id} has no training examples (counts: {dataset.counts}); "
             "add more rows or lower data.split.validation / data.split.test"
         )
+    return method
 
 
 def create_job(
-    ws: Workspace, dataset: DatasetVersion, parent: str | None = None, run_id: str | None = None
+    ws: Workspace,
+    dataset: DatasetVersion,
+    parent: str | None = None,
+    run_id: str | None = None,
+    method: str | None = None,
 ) -> Job:
     """Create a job for `dataset` (status `queued` once its files check out).
 
+    `method`: the recipe (default `train.method`; `auto` picks the dataset kind's own).
+    `parent`: a registered version ("3") or a succeeded job ("ftjob-…", the previous stage of
+    a chain) whose weights this job continues from.
+
     Idempotent per `run_id`: a pipeline step that is re-run after a crash gets the job it
-    already created instead of training twice. The job snapshots the fully resolved config,
-    so a later edit of evertune.yaml cannot change what a resumed job trains.
+    already created instead of training twice (a stage chain keys each stage's job by
+    `<run id>/<stage>`). The job snapshots the fully resolved config, so a later edit of
+    evertune.yaml cannot change what a resumed job trains.
     """
     if run_id is not None:
         with ws.engine.connect() as conn:
@@ -430,7 +500,13 @@ def create_job(
             return _row_to_job(row)
 
     cfg = ws.config
-    _validate_dataset(ws, dataset, cfg.train.method)
+    method = _validate_dataset(ws, dataset, method or cfg.train.method)
+    if parent is not None and parent.startswith("ftjob-"):
+        previous = get_job(ws, parent)
+        if previous.status != "succeeded" or not previous.result:
+            raise JobError(
+                f"job {parent} is {previous.status}; a job can only continue from a succeeded one"
+            )
     job_id = "ftjob-" + secrets.token_hex(12)
     now = time.time()
     with ws.engine.begin() as conn:
@@ -439,11 +515,11 @@ def create_job(
                 id=job_id,
                 created_at=now,
                 status="validating_files",
-                method=cfg.train.method,
+                method=method,
                 model=cfg.model.base,
                 dataset=dataset.id,
                 parent=parent,
-                hyperparameters=hyperparameters_from(cfg),
+                hyperparameters=hyperparameters_from(cfg, method),
                 config=cfg.model_dump(mode="json"),
                 cancel_requested=False,
                 trained_tokens=0,
@@ -482,11 +558,12 @@ def start_job(ws: Workspace, job_id: str) -> Job:
     job = get_job(ws, job_id)
     if job.status != "queued":
         hint = ""
-        if job.status in ("failed", "cancelled"):
+        if job.status in ("failed", "cancelled", "paused"):
             hint = f"; resume it with `evertune jobs resume {job_id}`"
         raise JobError(f"job {job_id} is {job.status}; only a queued job can start{hint}")
     folder = job_dir(ws, job_id)
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_pause(ws, job_id)  # a pause asked of an earlier process is not one asked of this
     spec = {"workspace": str(ws.root), "job_id": job_id, "overrides": list(ws.overrides)}
     (folder / "job.json").write_text(json.dumps(spec, indent=2) + "\n", "utf-8")
     backend = get_backend(job.config.get("train", {}).get("backend", "local"))
@@ -643,25 +720,61 @@ def wait_job(
 
 
 def cancel_job(ws: Workspace, job_id: str) -> Job:
-    """Stop a job: one that never started is cancelled at once; a running one is asked to stop
-    and its training loop ends `cancelled` within one step. A finished job raises JobError."""
+    """Stop a job: one that never started, or a paused one, is cancelled at once; a running one
+    is asked to stop and its training loop ends `cancelled` within one step. A finished job
+    raises JobError."""
     job = check_alive(ws, job_id)
     if job.finished:
         raise JobError(
-            f"job {job_id} is already {job.status}; only validating_files, queued or running "
-            "jobs can be cancelled"
+            f"job {job_id} is already {job.status}; only validating_files, queued, running or "
+            "paused jobs can be cancelled"
         )
-    if job.status in ("validating_files", "queued"):
+    if job.status in ("validating_files", "queued", "paused"):
+        _clear_pause(ws, job_id)
+        when = "while paused" if job.status == "paused" else "before it started"
         return transition(
             ws,
             job_id,
             "cancelled",
             cancel_requested=True,
-            message="Job cancelled before it started",
+            message=f"Job cancelled {when}",
         )
     with ws.engine.begin() as conn:
         conn.execute(update(db.jobs).where(db.jobs.c.id == job_id).values(cancel_requested=True))
     record_event(ws, job_id, "Cancellation requested; the job stops after the current step")
+    return get_job(ws, job_id)
+
+
+def pause_job(ws: Workspace, job_id: str) -> Job:
+    """Ask a running job to pause: its training loop saves a checkpoint after the current step
+    and ends `paused`; `resume_job` continues it from there. Returns the job (still `running`
+    until the loop has stopped). Any other status raises JobError saying what can be done."""
+    job = check_alive(ws, job_id)
+    if job.status == "paused":
+        raise JobError(
+            f"job {job_id} is already paused; resume it with `evertune jobs resume {job_id}` "
+            f"or POST /v1/fine_tuning/jobs/{job_id}/resume"
+        )
+    if job.status != "running":
+        hint = {
+            "validating_files": "it has not started; cancel it instead if it should not run",
+            "queued": "it has not started; cancel it instead if it should not run",
+            "failed": f"resume it with `evertune jobs resume {job_id}`",
+            "cancelled": f"resume it with `evertune jobs resume {job_id}`",
+            "succeeded": "it has finished",
+        }.get(job.status, "")
+        raise JobError(
+            f"job {job_id} is {job.status}; only a running job can be paused"
+            + (f" ({hint})" if hint else "")
+        )
+    if job.cancel_requested:
+        raise JobError(f"job {job_id} is being cancelled; it cannot be paused as well")
+    if not pause_requested(ws, job_id):
+        marker = job_dir(ws, job_id) / PAUSE_MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{time.time()}\n", "utf-8")
+        record_event(ws, job_id, "Pause requested; the job saves a checkpoint and pauses after "
+                     "the current step")
     return get_job(ws, job_id)
 
 
@@ -675,20 +788,23 @@ def newest_checkpoint(folder: Path) -> Path | None:
 
 
 def resume_job(ws: Workspace, job_id: str) -> Job:
-    """Start a failed, cancelled or dead job again from its newest checkpoint (or from scratch).
-
-    A queued job that never started is simply started.
+    """Start a paused, failed, cancelled or dead job again from its newest checkpoint (or from
+    scratch when it saved none). A queued job that never started is simply started.
     """
     job = check_alive(ws, job_id)
     if job.status == "running":
+        paused = " (a pause was asked for: it pauses after this step)" if pause_requested(
+            ws, job_id) else ""
         raise JobError(
-            f"job {job_id} is still running (pid {job.pid} on {job.host}); cancel it first or wait"
+            f"job {job_id} is still running (pid {job.pid} on {job.host}){paused}; only a "
+            "paused, failed or cancelled job can be resumed: pause or cancel it first, or wait"
         )
     if job.status == "succeeded":
         raise JobError(
             f"job {job_id} already succeeded; start a new job with `evertune tune` instead"
         )
-    if job.status in ("failed", "cancelled"):
+    if job.status in ("failed", "cancelled", "paused"):
+        _clear_pause(ws, job_id)
         ckpt = newest_checkpoint(job_dir(ws, job_id))
         where = (
             f"from checkpoint {ckpt.name}" if ckpt else "from the start (no checkpoint was saved)"
