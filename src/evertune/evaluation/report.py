@@ -63,6 +63,12 @@ class ExampleRow(BaseModel):
     prompt: str
     """The exact text the models were given (chat template applied)."""
     expected: str
+    """The reference answer: generations are compared with it and its loss is scored (the
+    chosen answer of a preference pair; the whole text of a text record; empty for a
+    rated-down answer)."""
+    rejected: str | None = None
+    """The rejected answer of a preference pair, or a rated-down (KTO) answer: scored by its
+    log-probability only, never a generation reference. None for other examples."""
     outputs: dict[str, ModelOutput]
     """By role."""
     judge: dict[str, object] | None = None
@@ -83,6 +89,8 @@ class Regression(BaseModel):
     expected: str
     candidate_output: str | None
     reference_output: str | None
+    rejected: str | None = None
+    """The pair's rejected answer (preference data) or the rated-down answer (KTO data)."""
 
 
 class SplitReport(BaseModel):
@@ -252,15 +260,8 @@ def print_report(report: EvalReport, console: Console, *, regressions: int = 3) 
             console.print(
                 f"[bold]worst regressions[/] on {split.name} by {split.regression_metric}:"
             )
-            ref_name = report.reference_role + ":"
             for reg in shown:
-                console.print(
-                    f"  #{reg.index} ({reg.candidate_score:.3f} vs {reg.reference_score:.3f}) "
-                    f"input: {escape(_short(reg.input))}\n"
-                    f"      expected:  {escape(_short(reg.expected))}\n"
-                    f"      candidate: {escape(_short(reg.candidate_output or ''))}\n"
-                    f"      {ref_name:<10} {escape(_short(reg.reference_output or ''))}"
-                )
+                console.print(_regression_lines(reg, report.reference_role))
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     where = f"(candidate vs {report.reference_role}; report {report.id})"
@@ -278,6 +279,22 @@ def print_report(report: EvalReport, console: Console, *, regressions: int = 3) 
         console.print(f"[bold red]gate: FAIL[/] {where}")
         for reason in report.reasons:
             console.print(f"  - {escape(reason)}")
+
+
+def _regression_lines(reg: Regression, ref_role: str) -> str:
+    """One worst regression for the console: the input, then whichever of expected, rejected
+    and the two outputs it has (a text record has only its text: no answer was generated)."""
+    from rich.markup import escape
+
+    lines = [f"  #{reg.index} ({reg.candidate_score:.3f} vs {reg.reference_score:.3f}) "
+             f"input: {escape(_short(reg.input))}"]
+    text_only = reg.candidate_output is None and reg.expected == reg.input
+    shown = [("expected:", reg.expected if reg.expected and not text_only else None),
+             ("rejected:", reg.rejected), ("candidate:", reg.candidate_output),
+             (ref_role + ":", reg.reference_output)]
+    lines += [f"      {name:<10} {escape(_short(text))}" for name, text in shown
+              if text is not None]
+    return "\n".join(lines)
 
 
 def _short(text: str, width: int = 100) -> str:
