@@ -98,7 +98,8 @@ def test_a_packed_block_scores_each_document_as_if_it_were_alone(tiny_model):
     packed = collate_blocks(pack([a, b], len(a) + len(b)), tok.pad_token_id)
     with torch.no_grad():
         together, n_together = loss_sum(model, packed)
-        alone = [loss_sum(model, collate_blocks(pack([d], len(d)), tok.pad_token_id)) for d in (a, b)]
+        alone = [loss_sum(model, collate_blocks(pack([d], len(d)), tok.pad_token_id))
+                 for d in (a, b)]
     assert n_together == sum(n for _, n in alone) == len(a) + len(b) - 2
     assert torch.allclose(together, sum(s for s, _ in alone), rtol=1e-4)
 
@@ -146,7 +147,8 @@ def test_dpo_losses_follow_the_papers():
     hinge, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, loss_type="hinge")
     assert torch.allclose(hinge, torch.tensor([0.0, 1.5]))
     smoothed, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, label_smoothing=0.1)
-    assert torch.allclose(smoothed, 0.9 * sig + 0.1 * -torch.nn.functional.logsigmoid(-0.5 * logits))
+    flipped = -torch.nn.functional.logsigmoid(-0.5 * logits)
+    assert torch.allclose(smoothed, 0.9 * sig + 0.1 * flipped)
 
 
 def _margins(model_path: Path, adapter: Path | None, rows: list[dict]) -> list[float]:
@@ -162,7 +164,8 @@ def _margins(model_path: Path, adapter: Path | None, rows: list[dict]) -> list[f
     with torch.no_grad():
         for row in rows:
             p = to_preference(row, tok)
-            ex = [tokenize_example(Example(p.prompt, a), tok, 128, True) for a in (p.chosen, p.rejected)]
+            ex = [tokenize_example(Example(p.prompt, a), tok, 128, True)
+                  for a in (p.chosen, p.rejected)]
             lp = token_logps(model, collate(ex, tok.pad_token_id))
             out.append(float(lp[0] - lp[1]))
     return out

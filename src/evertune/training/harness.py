@@ -293,8 +293,9 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     would produce vocab-sized logits that the loss throws away. For a 49k vocabulary that is a
     fifth of the forward pass and most of the softmax, and the reason this loop beats a plain
     `transformers.Trainer` even without length grouping (bench/train_throughput.py). The value
-    equals the model's own `labels=` loss (tests/training/test_sft.py checks it). Packed batches (`position_ids` restarting per
-    document, no attention mask) keep attention inside each document (`pretrain`).
+    equals the model's own `labels=` loss (tests/training/test_sft.py checks it). Packed
+    batches (`position_ids` restarting per document, no attention mask) keep attention inside
+    each document (`pretrain`).
     """
     import torch.nn.functional as F
 

@@ -55,7 +55,9 @@ class Block:
         return len(self.input_ids)
 
 
-def document_ids(records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+def document_ids(
+    records: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> list[list[int]]:
     """Each text record's token ids followed by EOS (the model learns where a document ends)."""
     from evertune.data.templating import encode, eos_id
 
@@ -111,14 +113,13 @@ def collate_blocks(blocks: Sequence[Block], pad_id: int, device: Any = None) -> 
         ids.append(b.input_ids + [pad_id] * pad)
         pos.append(b.position_ids + list(range(pad)))
         labels.append(b.labels + [IGNORE_INDEX] * pad)
-    batch = {
+    tensors = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "position_ids": torch.tensor(pos, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
     }
-    if device is not None:
-        batch = {k: v.to(device) for k, v in batch.items()}
-    batch["n_tokens"] = sum(b.length for b in blocks)
+    batch: Batch = {k: v.to(device) for k, v in tensors.items()} if device else tensors
+    batch["n_tokens"] = sum(b.length for b in blocks)  # real tokens: the loss weights these
     return batch
 
 
