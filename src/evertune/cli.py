@@ -44,7 +44,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Validate, split and version training data.", no_args_is_help=True)
 jobs_app = typer.Typer(
-    help="Fine-tuning jobs: list, inspect, cancel, resume.", no_args_is_help=True
+    help="Fine-tuning jobs: list, inspect, cancel, pause, resume.", no_args_is_help=True
 )
 models_app = typer.Typer(help="Registered model versions.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -198,6 +198,10 @@ def _print_dataset(v: Any) -> None:
                 f"{k} {_fmt(stats[k])}" for k in ("min", "mean", "p50", "p95", "max") if k in stats
             ),
         )
+    labels = v.report.get("labels")
+    if isinstance(labels, dict):  # rated answers (kto)
+        t.add_row("labels", f"{labels.get('desirable', 0)} good (true) / "
+                  f"{labels.get('undesirable', 0)} bad (false)")
     for key in ("duplicates_dropped", "in_golden_set", "in_regression_suite", "truncated"):
         if v.report.get(key):
             t.add_row(key.replace("_", " "), str(v.report[key]))
@@ -371,27 +375,66 @@ def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> 
 def tune(
     dataset: str = typer.Option(
         None, "--dataset", "-d",
-        help="Dataset id (default: per data.mode, all accepted data so far).",
+        help="Dataset id (default: per data.mode, all accepted data of the method's kind).",
     ),
     parent: str = typer.Option(
         None, "--parent", help="Continue from this registered version's adapter."
     ),
+    method: str = typer.Option(
+        None, "--method", "-m",
+        help="supervised | pretrain | dpo | kto | auto (default: train.stages, else "
+        "train.method; auto: the dataset's kind decides).",
+    ),
     sets: list[str] = SetOpt,
 ) -> None:
-    """Fine-tune the base model (LoRA by default), then evaluate and register the result."""
+    """Fine-tune the base model (LoRA by default), then evaluate and register the result.
+
+    With train.stages (e.g. [pretrain, supervised, dpo]) each stage is a job that continues
+    from the previous one; the last is evaluated and registered."""
     ws = _open(sets)
     _quiet_libraries()
     from evertune import steps
-    from evertune.training.jobs import create_job, start_job
 
-    data = steps.training_data(ws, dataset, log=lambda line: console.print(line, highlight=False))
-    job = create_job(ws, data, parent=parent)
-    console.print(
-        f"Job [bold]{job.id}[/]: {job.method} on dataset {data.id} "
-        f"({data.counts.get('train', 0)} training examples), base {job.model}"
-    )
-    start_job(ws, job.id)
-    _train_and_register(ws, job.id)
+    def say(line: str) -> None:
+        console.print(line, highlight=False)
+
+    plan = steps.plan_round(ws, method=method, dataset_ref=dataset, log=say)
+
+    def started(number: int, stage: Any, job: Any, message: str) -> None:
+        if job.status == "succeeded":
+            return  # said by _train_only
+        where = f"Stage {number}/{len(plan)}, job" if len(plan) > 1 else "Job"
+        console.print(
+            f"{where} [bold]{job.id}[/]: {job.method} on dataset {stage.dataset.id} "
+            f"({stage.dataset.counts.get('train', 0)} training examples), base {job.model}"
+        )
+
+    def follow_stage(job: Any) -> Any:
+        # Stages before the last; the last is followed, evaluated and registered below.
+        _train_only(ws, job.id)
+        return steps.follow_job(ws, job)
+
+    jobs_done = steps.run_stages(ws, plan, parent=parent, wait=follow_stage, on_stage=started,
+                                 follow_last=False)
+    _train_and_register(ws, jobs_done[-1].id)
+
+
+def _train_only(ws: Workspace, job_id: str) -> None:
+    """Follow a job with a progress bar until it succeeds (Ctrl-C cancels it; exit 130)."""
+    from evertune import steps
+    from evertune.training.jobs import cancel_job
+
+    try:
+        with _TrainProgress(f"training {job_id}") as bar:
+            job = steps.follow(ws, job_id, on_progress=bar)
+    except KeyboardInterrupt:
+        cancel_job(ws, job_id)
+        err_console.print(
+            f"[yellow]Interrupted: job {job_id} is being cancelled.[/] "
+            f"Resume it later with `evertune jobs resume {job_id}`."
+        )
+        raise typer.Exit(130) from None
+    console.print(f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained")
 
 
 @app.command("eval")
@@ -418,7 +461,8 @@ def _jobs_table(jobs: list[Any]) -> Table:
     t = Table()
     for col in ("id", "status", "method", "dataset", "parent", "created", "finished", "tokens"):
         t.add_column(col)
-    colours = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}
+    colours = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan",
+               "paused": "magenta"}
     for j in jobs:
         c = colours.get(j.status, "white")
         t.add_row(
@@ -487,22 +531,47 @@ def jobs_events(job_id: str = typer.Argument(...)) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str = typer.Argument(...)) -> None:
-    """Cancel a queued or running job (honoured within one training step)."""
+    """Cancel a queued, running or paused job (honoured within one training step)."""
     from evertune.training.jobs import cancel_job
 
     job = cancel_job(_open(), job_id)
     console.print(f"Job {job.id}: {job.status}")
 
 
+@jobs_app.command("pause")
+def jobs_pause(job_id: str = typer.Argument(...)) -> None:
+    """Pause a running job: it saves a checkpoint after the current step; `jobs resume` continues it."""  # noqa: E501 (--help text; Rich would keep a line break)
+    from evertune.training.jobs import pause_job
+
+    job = pause_job(_open(), job_id)
+    console.print(
+        f"Job {job.id}: pause requested; it saves a checkpoint and pauses after the current "
+        f"step. Continue it with `evertune jobs resume {job.id}`"
+    )
+
+
 @jobs_app.command("resume")
 def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> None:
-    """Resume a failed, cancelled or killed job from its last checkpoint, then evaluate and register."""  # noqa: E501 (--help text; Rich would keep a line break)
+    """Resume a paused, failed, cancelled or killed job from its last checkpoint, then evaluate and register."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
     _quiet_libraries()
-    from evertune.training.jobs import resume_job
+    from evertune.training.jobs import get_job, resume_job
 
+    paused_run = None
+    if (before := get_job(ws, job_id)).status == "paused" and before.run_id:
+        from evertune import pipeline
+
+        run = pipeline.find_run(ws, before.run_id)
+        paused_run = run.id if run is not None and run.status in ("queued", "running") else None
     job = resume_job(ws, job_id)
     console.print(f"Job [bold]{job.id}[/] resumed")
+    if paused_run:
+        # Its pipeline run is still waiting on the job: it evaluates and registers it.
+        console.print(
+            f"Its pipeline run {paused_run} evaluates and registers it: "
+            f"`evertune runs wait {paused_run}`"
+        )
+        return
     _train_and_register(ws, job.id, resume=True)
 
 
@@ -562,6 +631,12 @@ def models_show(version: str = typer.Argument(..., help="Version number.")) -> N
             t.add_row("lora", f"r={lora.get('r')} alpha={lora.get('alpha')} "
                       f"targets={','.join(lora.get('target_modules') or [])}")
         t.add_row("max_seq_len", str(f.get("max_seq_len", "-")))
+        stages = f.get("stages")
+        if isinstance(stages, list) and stages:
+            # A chain (train.stages): each stage's method, dataset and job, in order.
+            t.add_row("stages", "\n".join(
+                f"{n}. {x.get('method', '-')} on {x.get('dataset', '-')} ({x.get('job', '-')})"
+                if isinstance(x, dict) else f"{n}. {x}" for n, x in enumerate(stages, 1)))
     console.print(t)
     if v.gate == "inconclusive":
         console.print("[yellow]gate inconclusive[/]: too few examples to tell; review it:")

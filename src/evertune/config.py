@@ -86,8 +86,43 @@ class LoraArgs(_Args):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+Method = Literal["supervised", "pretrain", "dpo", "kto"]
+"""A training method (evertune.training.recipes): the recipe and the dataset kind it reads."""
+
+
+class DpoArgs(_Args):
+    beta: float = Field(0.1, gt=0, le=10)
+    """How far from the reference the policy may move: lower lets it move further."""
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    """sigmoid: the DPO paper; ipo: squared loss, robust to deterministic preferences; hinge:
+    SLiC; robust: sigmoid with label noise `label_smoothing` corrected (rDPO)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """The share of pairs assumed flipped (sigmoid and robust only)."""
+
+
+class KtoArgs(_Args):
+    beta: float = Field(0.1, gt=0, le=10)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    """Weights for unbalanced data: keep desirable_weight x n_desirable /
+    (undesirable_weight x n_undesirable) between 1 and 4/3 (the KTO paper)."""
+
+
+class PretrainArgs(_Args):
+    block_size: int | None = Field(None, ge=16, le=131072)
+    """Tokens per packed block; null = data.max_seq_len."""
+    packing: bool = True
+    """true: documents are concatenated into full blocks (attention never crosses a document
+    boundary; no padding); false: one document per row, padded (slower, for comparison)."""
+
+
 class TrainArgs(_Args):
-    method: Literal["supervised", "dpo", "pretrain"] = "supervised"
+    method: Literal["auto"] | Method = "auto"
+    """auto: the dataset's kind decides (text → pretrain, input/output, prompt/completion and
+    chat → supervised, preference pairs → dpo, rated answers → kto)."""
+    stages: list[Method] = Field(default_factory=list, max_length=8)
+    """A chain run in one round, e.g. [pretrain, supervised, dpo]: each stage continues from
+    the previous stage's weights on the data of its kind. Empty: one stage, `method`."""
     full_finetune: bool = False
     """false = LoRA adapters (small, versionable, hot-swappable); true = train all weights."""
     n_epochs: int = Field(3, ge=1, le=1000)
@@ -111,6 +146,9 @@ class TrainArgs(_Args):
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 = torch's default."""
     backend: Literal["local", "ray"] = "local"
+    dpo: DpoArgs = DpoArgs()
+    kto: KtoArgs = KtoArgs()
+    pretrain: PretrainArgs = PretrainArgs()
 
 
 class JudgeArgs(_Args):
@@ -196,6 +234,16 @@ class GateArgs(_Args):
         GateRule(metric="embedding_cosine", non_inferiority_margin=0.02),
         GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.05),
     ]
+    """Rules on the task splits (test, golden, regression). On text (pretraining) examples only
+    rules on loss and perplexity apply; on preference pairs rules on loss and perplexity (the
+    likelihood of the chosen answer, which DPO may lower while it widens the margin) give way
+    to `preference_rules`, and rules on generated text compare the answer with `chosen`."""
+    preference_rules: list[GateRule] = [
+        GateRule(metric="preference_accuracy", non_inferiority_margin=0.05),
+    ]
+    """Added to `rules` on any split holding preference pairs (dpo data), on those pairs only:
+    preference_accuracy (log p(chosen) > log p(rejected)) and reward_margin (the DPO implicit
+    reward relative to the base model, train.dpo.beta)."""
     general_rules: list[GateRule] = [
         GateRule(metric="loss", higher_is_better=False, non_inferiority_margin=0.4),
     ]

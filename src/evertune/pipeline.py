@@ -15,11 +15,18 @@ Workflow `tuning_pipeline(trigger)`, workflow id = run id, so one trigger never 
 run id). Steps, each a DBOS step calling the same functions as the CLI (`evertune.steps`):
 
     DataPreprocessing  download the object, validate / dedup / split it into a dataset version
-                       (content-addressed), pick the training set (an API run: the dataset it
-                       names; a bucket run: per data.mode, cumulative union or this drop)
+                       (content-addressed), pick the round's method(s) and training set(s)
+                       (`steps.plan_round`: train.stages, else train.method, where auto is the
+                       method of the drop's kind; an API run's named dataset, else per
+                       data.mode, this drop or the cumulative data of each stage's kind); a
+                       stage whose kind has no data fails the run here, before any training
     FineTuning         create the job keyed by run id (`create_job(run_id=…)` returns the one a
                        crashed attempt made), start it, or resume it from its last checkpoint if
-                       its process died, or wait for it if it still runs; poll until it ends
+                       its process died, or wait for it if it still runs; poll until it ends.
+                       A chain (train.stages) runs one job per stage, keyed `<run id>/<n>-<method>`
+                       and continuing from the previous stage's job (`steps.run_stages`): after
+                       a crash the succeeded stages are found, not retrained; outputs list the
+                       stages and `job` is the last stage's, which the next steps use
     ModelEvaluation    candidate vs PROD (if any) vs base + the quality gate → report id
     RegisterModel      one MLflow version per job (idempotent per job id), PendingManualApproval
                        or Rejected by the gate; then the webhook (`notify.webhook_url`)
@@ -92,7 +99,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from evertune import db
-from evertune.errors import DataError, EvertuneError, JobError, NotFoundError
+from evertune.errors import DataError, EvertuneError, NotFoundError
 
 if TYPE_CHECKING:
     from evertune.workspace import Workspace
@@ -888,7 +895,6 @@ def _stopping() -> bool:
 def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
     """Fetch the trigger's file, store it as a dataset version, pick the training dataset."""
     from evertune import steps
-    from evertune.data.store import get_dataset
 
     ws = _run_ws(trigger)
     if (reused := _reused(ws, run_id, trigger, "DataPreprocessing")) is not None:
@@ -907,7 +913,7 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
                 )
         else:
             path, label = None, str(trigger.get("dataset"))
-        sft: list[Any] = []
+        drop: list[Any] = []
         if path is not None:
             try:
                 added = steps.preprocess(ws, [path])
@@ -915,7 +921,7 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
                 # Name the object, not the run folder's copy of it.
                 message = str(exc).replace(str(path), label)
                 raise DataError(message if label in message else f"{label}: {message}") from None
-            sft = [v for v in added.versions if v.kind == "sft"]
+            drop = list(added.versions)
             ctx.outputs.update(
                 file=label,
                 versions=[v.id for v in added.versions],
@@ -930,28 +936,26 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
                 f"{label}: stored {stored}; {added.rejected} row(s) rejected"
                 + (f" (see {added.rejected_path})" if added.rejected_path else "")
             )
-            if not sft and not trigger.get("dataset"):
-                kinds = ", ".join(sorted({v.kind for v in added.versions})) or "none"
-                raise DataError(
-                    f"{label} holds no supervised records (found: {kinds}); the pipeline trains "
-                    f"train.method=supervised on input/output, prompt/completion or chat records"
-                )
-        if trigger.get("dataset"):
-            training = get_dataset(ws, str(trigger["dataset"]))  # API runs: exactly this set
-        elif ws.config.data.mode == "latest":
-            training = sft[0]  # this drop only
-        else:
-            # The cumulative union of all drops so far, with the bucket's feedback folded in.
-            training = steps.training_data(ws, log=ctx.log)
-        ctx.outputs.update(training_dataset=training.id, counts=dict(training.counts))
+        # The round's method(s) and the dataset of each: an API run's named dataset, else per
+        # data.mode (this drop, or the cumulative data of each stage's kind with the bucket's
+        # feedback folded in). A stage whose kind has no data fails here, before any training.
+        plan = steps.plan_round(ws, drop=drop, dataset_ref=trigger.get("dataset"), log=ctx.log)
+        training = plan[-1].dataset
+        ctx.outputs.update(method=plan[-1].method, training_dataset=training.id,
+                           counts=dict(training.counts))
+        if len(plan) > 1:
+            ctx.outputs["stages"] = [s.to_json(n) for n, s in enumerate(plan, 1)]
         # A drop with nothing new (bucket runs only: an API run names its dataset on purpose).
         bucket_run = trigger.get("source") == "bucket"
-        skipped = steps.unchanged_reason(ws, training) if bucket_run else None
+        skipped = (steps.unchanged_reason(ws, training, plan[-1].method, plan)
+                   if bucket_run else None)
         if skipped:
             ctx.outputs["skipped"] = skipped
             ctx.log(skipped)
         else:
-            ctx.log(f"training on {training.id} ({ws.config.data.mode}): {training.counts}")
+            ctx.log(f"training {' → '.join(s.method for s in plan)} on "
+                    f"{', '.join(s.dataset.id for s in plan)} ({ws.config.data.mode}): "
+                    f"{training.counts}")
         _test_pause(ctx, "after")
         return dict(ctx.outputs)
 
@@ -989,57 +993,76 @@ def _superseded(key: str, wanted: str, found: str) -> str:
 
 @DBOS.step(name="FineTuning")
 def fine_tuning(run_id: str, trigger: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    """Start (or find, resume, or keep waiting for) this run's training job until it ends."""
+    """Start (or find, resume, or keep waiting for) this run's training job(s) until they end:
+    one job, or one per stage of a chain (`steps.run_stages`), each continuing from the last."""
+    from evertune import steps
     from evertune.data.store import get_dataset
-    from evertune.training import jobs
 
     ws = _run_ws(trigger)
     if (reused := _reused(ws, run_id, trigger, "FineTuning")) is not None:
         return reused
     with _recorded(ws, run_id, "FineTuning") as ctx:
-        dataset = get_dataset(ws, data["training_dataset"])
-        job = jobs.create_job(ws, dataset, run_id=run_id)  # the same job on a re-run
-        ctx.outputs["job"] = job.id
-        ctx.save_outputs()
-        job = jobs.check_alive(ws, job.id)
-        if job.status == "validating_files":
-            # Crashed inside create_job after its insert; the dataset has been checked since.
-            job = jobs.transition(ws, job.id, "queued", message="Job queued after a restart")
-        if job.status == "queued":
-            job = jobs.start_job(ws, job.id)
-            ctx.log(f"job {job.id} started on {dataset.id} (pid {job.pid})")
-        elif job.status == "failed" and (job.error or {}).get("code") == "process_died":
-            ckpt = jobs.newest_checkpoint(jobs.job_dir(ws, job.id))
-            job = jobs.resume_job(ws, job.id)
-            where = f"checkpoint {ckpt.name}" if ckpt else "the start (no checkpoint yet)"
-            ctx.log(
-                f"job {job.id}'s process had died; resumed from {where} (pid {job.pid})", "warn"
-            )
-        elif job.status == "running":
-            ctx.log(f"job {job.id} is still training (pid {job.pid}); waiting for it")
-        _test_pause(ctx, "work")
-        job = _follow(ws, job.id, ctx)
-        if job.status == "cancelled":
-            raise JobError(
-                f"job {job.id} was cancelled (`evertune jobs cancel` or the API); this run ends "
-                "here: drop new data or run `evertune tune` to train again"
-            )
-        if job.status != "succeeded":
-            err = job.error or {}
-            raise JobError(
-                f"job {job.id} {job.status}: {err.get('message') or 'no reason recorded'} "
-                f"(events: `evertune jobs events {job.id}`)"
-            )
+        planned = data.get("stages") or [
+            {"stage": 1, "method": data.get("method"), "dataset": data["training_dataset"]}
+        ]
+        plan = [
+            steps.Stage(str(p["method"]) if p.get("method") else
+                        steps.stage_method(ws, None, ds), ds)
+            for p in planned
+            for ds in [get_dataset(ws, str(p["dataset"]))]
+        ]
+        chain = len(plan) > 1
+        ctx.outputs["method"] = plan[-1].method
+        rows: list[dict[str, Any]] = [
+            {**s.to_json(n), "job": None, "status": "pending"} for n, s in enumerate(plan, 1)
+        ]
+
+        def on_stage(number: int, stage: Any, job: Any, message: str) -> None:
+            rows[number - 1].update(job=job.id, status=job.status)
+            ctx.outputs["job"] = job.id  # the job training now: `runs wait` follows it
+            if chain:
+                ctx.outputs["stages"] = rows
+            ctx.save_outputs()
+            level = "warn" if "had died" in message else "info"
+            ctx.log(message, level)
+
+        def wait(job: Any) -> Any:
+            _test_pause(ctx, "work")
+            job = _follow(ws, job.id, ctx)
+            row = next(r for r in rows if r["job"] == job.id)
+            row["status"] = job.status
+            if chain:
+                ctx.outputs["stages"] = rows
+            ctx.save_outputs()
+            return job
+
+        jobs_done = steps.run_stages(
+            ws, plan, run_id=run_id, wait=wait, on_stage=on_stage,
+            reuse_runs=_retried_runs(ws, trigger),
+        )
+        job = jobs_done[-1]
         ctx.outputs.update(
             job=job.id,
             adapter=(job.result or {}).get("path"),
-            trained_tokens=job.trained_tokens,
+            trained_tokens=sum(j.trained_tokens for j in jobs_done),
             job_started_at=job.started_at,
             job_finished_at=job.finished_at,
         )
-        ctx.log(f"job {job.id} succeeded: {job.trained_tokens} tokens trained")
+        if chain:
+            ctx.outputs["stages"] = rows
         _test_pause(ctx, "after")
         return dict(ctx.outputs)
+
+
+def _retried_runs(ws: Workspace, trigger: dict[str, Any]) -> list[str]:
+    """The runs this run retries, newest first (a retry of a retry: all of them)."""
+    runs: list[str] = []
+    prev = trigger.get("retry_of")
+    while prev and str(prev) not in runs and len(runs) < 32:
+        runs.append(str(prev))
+        found = find_run(ws, str(prev))
+        prev = found.trigger.get("retry_of") if found else None
+    return runs
 
 
 def _follow(ws: Workspace, job_id: str, ctx: _StepContext) -> Any:

@@ -447,8 +447,12 @@ class Registry:
         dataset = _get(job, "training_file") or _get(job, "dataset")
         dataset = str(_get(dataset, "id") or dataset) if dataset is not None else None
         base_model = _get(job, "model")
-        parent = self._parent_number(_get(job, "parent"))
+        # A stage chain's job continues from the previous stage's job ("ftjob-…"): the parent
+        # version is the one the chain's first stage started from, and the pipeline run is the
+        # run of the chain (stage jobs are keyed "<run id>/<n>-<method>").
+        parent = self._parent_number(self._chain_root_parent(_get(job, "parent")))
         pipeline_run = _get(job, "run_id")
+        pipeline_run = str(pipeline_run).split("/", 1)[0] if pipeline_run else None
         means = _eval_means(report)
         summary = _summary_metrics(means, metrics_history)
 
@@ -651,6 +655,20 @@ class Registry:
         self.client.set_model_version_tag(
             self.name, str(version), "approval_status", approval_status(stage).value
         )
+
+    def _chain_root_parent(self, parent: Any) -> Any:
+        """`parent`, or where a job parent ("ftjob-…", a previous stage) leads: the parent of
+        the chain's first job (a version, or None)."""
+        from evertune.training.jobs import get_job
+
+        seen: set[str] = set()
+        while isinstance(parent, str) and parent.startswith("ftjob-") and parent not in seen:
+            seen.add(parent)
+            try:
+                parent = get_job(self.ws, parent).parent
+            except NotFoundError:
+                return None
+        return parent
 
     def _parent_number(self, parent: Any) -> int | None:
         """The parent version number of a job (`3`, `"v3"`, or an alias resolved now)."""

@@ -22,6 +22,7 @@ GOOD = {
                           {"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "Hello"}]},
     "preference": {"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."},
+    "rated": {"prompt": "2+2=", "completion": "5", "label": False},
     "text": {"text": "Some document."},
 }
 
@@ -34,7 +35,7 @@ def codes(row, fmt):
 def test_good_rows_detect_and_validate(fmt):
     assert detect_format(GOOD[fmt]) == fmt
     assert validate_row(GOOD[fmt], fmt) == []
-    assert KIND[fmt] in ("sft", "dpo", "pretrain")
+    assert KIND[fmt] in ("sft", "dpo", "pretrain", "kto")
 
 
 def test_detection_precedence_and_unknown():

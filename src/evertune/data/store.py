@@ -18,9 +18,10 @@ records, so the same content in another order or spacing is the same version, an
 again returns the existing one (created_at unchanged). If that re-add brought other bad rows,
 they go next to it as `rejected-<8 hex>.jsonl`.
 
-One `add_files` call makes one version per kind present (sft, dpo, pretrain). A training
-run uses `training_dataset`: with `data.mode: cumulative` the union of every uploaded version
-of the kind, itself stored as a version (origin "union"); with `latest` the newest upload.
+One `add_files` call makes one version per kind present (sft, pretrain, dpo, kto). A
+training run uses `training_dataset(ws, kind=...)`: with `data.mode: cumulative` the union of
+every uploaded (and feedback) version of the kind, itself stored as a version (origin
+"union"); with `latest` the newest upload. A kto version's report counts its labels.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from evertune.data.formats import Kind, record_format, record_key
+from evertune.data.formats import KIND_DATA, KINDS, Kind, record_format, record_key
 from evertune.data.split import SPLITS, Split, dedup, record_hash, split_records
 from evertune.data.validate import FileResult, Reject, validate_file
 from evertune.errors import DataError, NotFoundError
@@ -246,7 +247,7 @@ def add_files(
     rejected_paths: list[Path] = []
     files_summary: list[dict[str, Any]] = []
     total_dupes = total_golden = total_suite = 0
-    for kind in ("sft", "dpo", "pretrain"):
+    for kind in KINDS:
         group = [r for r in results if r.kind == kind]
         if not group:
             continue
@@ -301,6 +302,7 @@ def add_files(
             "overlong": cfg.overlong,
             "split_ratios": cfg.split.model_dump(),
             "token_lengths": token_stats(lengths),
+            **({"labels": label_counts(records)} if kind == "kto" else {}),
             "sources": [{"file": r.path.name, "path": str(r.path.resolve()), "sha256": r.sha256,
                          "format": r.format} for r in group],
         }
@@ -390,34 +392,48 @@ def _union(ws: Workspace, kind: Kind, uploads: list[DatasetVersion]) -> DatasetV
         "duplicates_dropped": sum(v.counts["total"] for v in uploads) - len(records),
         # Token lengths are per upload; the union keeps no per-record lengths.
         "token_lengths": None,
+        **({"labels": label_counts(records)} if kind == "kto" else {}),
         "sources": [src for v in uploads for src in v.report.get("sources", [])],
     }
     version, _ = _write_version(ws, records, splits, report, [])
     return version
 
 
-def training_dataset(ws: Workspace, kind: Kind = "sft", ref: str | None = None) -> DatasetVersion:
-    """The version a training run of `kind` uses: `ref` if given, else per `data.mode`.
+def training_dataset(
+    ws: Workspace,
+    kind: Kind = "sft",
+    ref: str | None = None,
+    mode: Literal["cumulative", "latest"] | None = None,
+) -> DatasetVersion:
+    """The version a training run of `kind` uses: `ref` if given, else per `mode` (default
+    `data.mode`).
+
+        training_dataset(ws, kind="dpo")     # every preference pair stored so far
 
     cumulative: the union of all uploaded versions of the kind and the feedback folded in so
-    far (a single upload is its own union); latest: the newest upload. The caller checks
-    `.kind` when it passes a `ref`.
+    far (a single one is its own union); latest: the newest upload (the newest feedback
+    version where the kind has no upload). The caller checks `.kind` when it passes a `ref`.
+    NotFoundError, saying what to add, when the kind has no data.
     """
     if ref is not None:
         return get_dataset(ws, ref)
     stored = [v for v in list_datasets(ws) if v.kind == kind]
-    uploads = [v for v in stored if v.origin == "upload"]
-    if not uploads:
-        formats = {"sft": "input/output, prompt/completion or chat", "dpo": "preference",
-                   "pretrain": "text"}[kind]
-        raise NotFoundError(f"no {kind} dataset yet; add a {formats} file with "
-                            "`evertune data add FILE`")
-    if ws.config.data.mode == "latest":
-        return uploads[0]
     parts = [v for v in stored if v.origin in ("upload", "feedback")]
+    if not parts:
+        raise NotFoundError(f"no {kind} dataset yet; add a file of {KIND_DATA[kind]} with "
+                            "`evertune data add FILE`")
+    if (mode or ws.config.data.mode) == "latest":
+        uploads = [v for v in parts if v.origin == "upload"]
+        return (uploads or parts)[0]
     if len(parts) == 1:
         return parts[0]
     return _union(ws, kind, list(reversed(parts)))  # oldest first: stable union_of order
+
+
+def label_counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many rated records are desirable (`label: true`) and undesirable."""
+    good = sum(1 for r in records if r.get("label") is True)
+    return {"desirable": good, "undesirable": len(records) - good}
 
 
 def load_golden(ws: Workspace) -> list[dict[str, Any]] | None:

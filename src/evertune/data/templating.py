@@ -8,6 +8,8 @@
 Rules (the training and evaluation code rely on them):
 - input_output and chat records go through the tokenizer's chat template, so the model is
   tuned in the same shape it is prompted with at serving time; prompt_completion is raw text.
+  A rated record (KTO) is its answer's shape plus a label: `to_example` gives the prompt and
+  answer, `formats.rated_label` the label.
 - Text is tokenized with `add_special_tokens=False`: the chat template already writes any
   BOS/turn tokens the model wants, and a raw prompt is used exactly as given.
 - The EOS token is appended after the completion and learned, so the tuned model stops.
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from evertune.data.formats import KIND, detect_format
+from evertune.data.formats import KIND, detect_format, sft_shape
 from evertune.errors import DataError
 
 if TYPE_CHECKING:
@@ -66,8 +68,11 @@ def _chat_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
 
 
 def to_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Example:
-    """The prompt/completion text of an SFT record (input_output, prompt_completion or chat)."""
+    """The prompt/completion text of an SFT record (input_output, prompt_completion or chat),
+    or of a rated record's answer (its label: `formats.rated_label`)."""
     fmt = detect_format(record)
+    if fmt == "rated":
+        fmt = sft_shape(record)
     if fmt == "input_output":
         prompt = _chat_prompt([{"role": "user", "content": record["input"]}], tokenizer)
         return Example(prompt=prompt, completion=record["output"])
@@ -87,7 +92,7 @@ def to_example(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Ex
     kind = KIND.get(fmt, "unknown") if fmt else "unknown"
     raise DataError(
         f"a {fmt or 'record with keys ' + str(sorted(record))} record ({kind}) is not a supervised "
-        "example; only input_output, prompt_completion and chat records train with SFT"
+        "example; only input_output, prompt_completion, chat and rated records have one"
     )
 
 

@@ -12,9 +12,11 @@ or a JSON array / pretty-printed document), no row of a known format, no valid r
 The file's format is the format of its first valid row; rows of another format are rejected
 (`wrong_format`), so one bad export cannot silently mix SFT and DPO data. Blank lines are
 skipped. Feedback records of answers users rated down (`feedback.label: negative`, written by
-serving's /v1/feedback) are rejected as `negative_feedback`: they are kept for review, never
-trained on; so are feedback records about responses the server did not produce
+serving's /v1/feedback) are rejected as `negative_feedback` from supervised data: they are
+kept for review, never imitated (as rated rows, `label: false`, they are what KTO learns to
+avoid, and are kept); so are feedback records about responses the server did not produce
 (`feedback.verified: false`, `unverified_feedback`) unless the feedback fold vouched for them.
+A preference pair whose chosen and rejected answers are the same is rejected (`same_answers`).
 A `.txt` file is the text format, one record per blank-line-separated paragraph.
 
 With a tokenizer, each record is measured as it will be trained (chat template + EOS);
@@ -268,6 +270,8 @@ def validate_file(
                         records=[], lines=[], rejects=rejects, rows=len(rows) + len(rejects))
     for line, row in rows:
         other = detect_format(row) if isinstance(row, dict) else None
+        if fmt == "rated" and other is not None and KIND[other] == "sft":
+            other = fmt  # a rated file's row without a usable label: say what the label lacks
         if other is not None and other != fmt:
             rejects.append(Reject(name, line, "", "wrong_format",
                                   f"row is {other} but the file is {fmt} (detected from its first "
@@ -277,7 +281,7 @@ def validate_file(
         if problems:
             rejects += [Reject(name, line, p.field, p.code, p.reason, row) for p in problems]
             continue
-        if _rated_down(row):
+        if fmt != "rated" and _rated_down(row):
             rejects.append(Reject(name, line, "feedback.label", "negative_feedback",
                                   "a user rated this served answer down and gave no correction, "
                                   "so it is not trained on; post a `correction` to /v1/feedback "

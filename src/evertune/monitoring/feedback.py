@@ -9,11 +9,12 @@
 The record is in a format `evertune.data` accepts (`chat` for chat completions,
 `prompt_completion` for completions), so the next round can train on it: a correction
 replaces the answer; a rating alone keeps the served answer and labels it (`positive`,
-`negative`, `neutral`) under the `feedback` key, which the data layer reads only to reject
-answers rated down (below). One object per response id and sender
-(`feedback/<UTC day>/<response id>.<sender>.jsonl`): the same sender rating the same answer
-again the same day replaces its own earlier record (the user changed their mind), while
-feedback from anyone else is a separate object and never overwrites it.
+`negative`, `neutral`) under the `feedback` key, which the data layer reads to keep answers
+rated down out of supervised data and a KTO round reads as the answer's label (below). One
+object per response id and sender (`feedback/<UTC day>/<response id>.<sender>.jsonl`): the
+same sender rating the same answer again the same day replaces its own earlier record (the
+user changed their mind), while feedback from anyone else is a separate object and never
+overwrites it.
 
 Feedback is a path into the training data, so it is only trusted for responses this server
 produced: the gateway looks the id up (its memory of recent responses, the state DB's
@@ -33,8 +34,12 @@ Feedback feeds the next round: with `data.mode: cumulative` and `data.include_fe
 (the defaults) every round folds the trainable feedback objects into its training data
 (`collect_feedback` → `evertune.steps.training_data`), and the data layer rejects the
 answers users rated down (`negative_feedback`) and unverified records nobody vouched for
-(`unverified_feedback`) instead of training on them. Whether feedback also starts a round by
-itself is the trigger's decision (`trigger.feedback_starts_runs`).
+(`unverified_feedback`) instead of training on them. A KTO round (`train.method: kto`, or
+`kto` in `train.stages`) folds the same objects as rated answers instead
+(`collect_feedback(..., rated=True)`, `rated_rows`): liked and corrected answers are
+`label: true`, the answer a correction replaced and answers rated down `label: false`,
+neutral ratings are skipped; so the loop learns from ratings alone. Whether feedback also
+starts a round by itself is the trigger's decision (`trigger.feedback_starts_runs`).
 
 All text is redacted like the request log before it is written.
 """
@@ -255,13 +260,76 @@ def _vouch(line: bytes) -> bytes:
     return json.dumps(record, ensure_ascii=False).encode("utf-8")
 
 
-def collect_feedback(ws: Workspace, dest: Path, trust_unverified: bool | None = None) -> int:
+def rated_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rated rows (KTO: the answer plus `label: true|false`) one feedback record makes.
+
+        rated_rows(build_record(served, response_id="chatcmpl-1", rating=-1, correction=None))
+        # → [{"messages": [..., served answer], "feedback": {...}, "label": False}]
+
+    positive → the served answer, true; negative → the served answer, false; corrected → the
+    correction, true, and the answer it replaced (`feedback.original`, where recorded), false;
+    neutral (or no rating) → none. Each row keeps the record's `feedback` metadata (sender,
+    response id), so a trained row can be traced to who rated it.
+    """
+    meta = record.get("feedback")
+    if not isinstance(meta, dict):
+        return []
+    label = meta.get("label")
+    if label in ("positive", "negative"):
+        return [{**record, "label": label == "positive"}]
+    if label != "corrected":
+        return []
+    rows = [{**record, "label": True}]
+    original = meta.get("original")
+    answer = _answer(record)
+    if isinstance(original, str) and original.strip() and answer is not None and (
+        " ".join(original.split()) != " ".join(answer.split())
+    ):
+        replaced = _with_answer(record, original)
+        replaced["feedback"] = {**meta, "answer": "original"}  # the served answer, not the fix
+        rows.append({**replaced, "label": False})
+    return rows
+
+
+def _answer(record: dict[str, Any]) -> str | None:
+    if isinstance(record.get("messages"), list) and record["messages"]:
+        last = record["messages"][-1]
+        return last.get("content") if isinstance(last, dict) else None
+    value = record.get("completion")
+    return value if isinstance(value, str) else None
+
+
+def _with_answer(record: dict[str, Any], answer: str) -> dict[str, Any]:
+    """`record` with its answer (the last assistant message, or `completion`) replaced."""
+    if isinstance(record.get("messages"), list):
+        messages = [dict(m) if isinstance(m, dict) else m for m in record["messages"]]
+        messages[-1] = {**messages[-1], "content": answer}
+        return {**record, "messages": messages}
+    return {**record, "completion": answer}
+
+
+def _as_rated(line: bytes) -> bytes:
+    """One feedback line as its rated rows (JSON Lines, each ending in a newline; b"" for none)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line + b"\n"  # not JSON: the data layer reports it
+    if not isinstance(record, dict):
+        return line + b"\n"
+    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n"
+                    for r in rated_rows(record))
+
+
+def collect_feedback(
+    ws: Workspace, dest: Path, trust_unverified: bool | None = None, rated: bool = False
+) -> int:
     """Concatenate the trainable feedback objects of the workspace bucket into one JSON Lines
     file.
 
     Trainable: verified records (feedback on responses this server produced); unverified
     ones too, marked `trusted`, when `trust_unverified` (default:
-    `data.trust_unverified_feedback`). Objects are read in key order, so the same feedback
+    `data.trust_unverified_feedback`). `rated`: write each record as rated rows for KTO
+    (`rated_rows`) instead of as it is. Objects are read in key order, so the same feedback
     always makes the same file (and so the same content-addressed dataset version). Returns
     how many objects went into `dest`; with none, `dest` is not written.
     """
@@ -282,8 +350,12 @@ def collect_feedback(ws: Workspace, dest: Path, trust_unverified: bool | None = 
         kept = [ln for ln in lines if trainable(ln, trust_unverified)]
         if len(kept) < len(lines):
             skipped += 1
-        if kept:
-            chunks.append(b"".join((_vouch(ln) if trust_unverified else ln) + b"\n" for ln in kept))
+        if trust_unverified:
+            kept = [_vouch(ln) for ln in kept]
+        chunk = (b"".join(_as_rated(ln) for ln in kept) if rated
+                 else b"".join(ln + b"\n" for ln in kept))
+        if chunk:
+            chunks.append(chunk)
     if skipped:
         log.info(
             "%d feedback object(s) are about responses this server did not produce (or cannot "

@@ -2,7 +2,8 @@
 dataset versions with their rejected rows and token lengths.
 
     GET /runs               the newest runs, refreshed while any is unfinished
-    GET /runs/{id}          DAG of the four steps (live), each step's outputs, log lines, error
+    GET /runs/{id}          DAG of the four steps (live), each step's outputs, log lines, error;
+                            a chain's stage jobs (train.stages) under FineTuning
     POST /runs/{id}/retry   csrf: run a failed run again from its failed step → pipeline.retry_run
     GET /jobs               the newest fine-tuning jobs
     GET /jobs/{id}          loss and learning-rate curves, hyperparameters, events, checkpoints
@@ -166,6 +167,17 @@ class OutputItem:
 
 
 @dataclass
+class StageView:
+    """One stage of a chain (train.stages) as shown: its method, dataset and job."""
+
+    number: int
+    method: str
+    dataset: str | None
+    job: str | None
+    status: str  # pending | a job status
+
+
+@dataclass
 class StepView:
     """A step of a run shaped for the page: its record, outputs and the last log lines."""
 
@@ -173,12 +185,36 @@ class StepView:
     outputs: list[OutputItem]
     logs: list[dict[str, Any]]
     logs_hidden: int
+    stages: list[StageView] = field(default_factory=list)  # a chain's stages (FineTuning, …)
 
 
 def _step_view(step: StepRecord) -> StepView:
     logs = step.logs[-LOG_LINES_SHOWN:]
-    return StepView(step=step, outputs=[_output_item(k, v) for k, v in step.outputs.items()],
-                    logs=logs, logs_hidden=len(step.logs) - len(logs))
+    return StepView(step=step,
+                    outputs=[_output_item(k, v) for k, v in step.outputs.items() if k != "stages"],
+                    logs=logs, logs_hidden=len(step.logs) - len(logs),
+                    stages=_stage_views(step.outputs.get("stages")))
+
+
+def _stage_views(value: Any) -> list[StageView]:
+    """The `stages` output of a step ([{stage, method, dataset, job, status}]) as views;
+    anything malformed is left out rather than failing the page."""
+    if not isinstance(value, list):
+        return []
+    views = []
+    for n, item in enumerate(value, 1):
+        if not isinstance(item, dict):
+            continue
+        stage = item.get("stage")
+        job = item.get("job")
+        views.append(StageView(
+            number=stage if isinstance(stage, int) else n,
+            method=str(item.get("method") or "?"),
+            dataset=str(item["dataset"]) if item.get("dataset") else None,
+            job=str(job) if isinstance(job, str) and job.startswith("ftjob-") else None,
+            status=str(item.get("status") or "planned"),
+        ))
+    return views
 
 
 # Output keys that name other console pages (see the steps in evertune.pipeline).
