@@ -560,8 +560,9 @@ def jobs_resume(job_id: str = typer.Argument(...), sets: list[str] = SetOpt) -> 
     paused_run = None
     if (before := get_job(ws, job_id)).status == "paused" and before.run_id:
         from evertune import pipeline
+        from evertune.steps import run_of_job
 
-        run = pipeline.find_run(ws, before.run_id)
+        run = pipeline.find_run(ws, str(run_of_job(before.run_id)))
         paused_run = run.id if run is not None and run.status in ("queued", "running") else None
     job = resume_job(ws, job_id)
     console.print(f"Job [bold]{job.id}[/] resumed")

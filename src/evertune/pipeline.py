@@ -939,7 +939,8 @@ def data_preprocessing(run_id: str, trigger: dict[str, Any]) -> dict[str, Any]:
         # The round's method(s) and the dataset of each: an API run's named dataset, else per
         # data.mode (this drop, or the cumulative data of each stage's kind with the bucket's
         # feedback folded in). A stage whose kind has no data fails here, before any training.
-        plan = steps.plan_round(ws, drop=drop, dataset_ref=trigger.get("dataset"), log=ctx.log)
+        plan = steps.plan_round(ws, method=trigger.get("method"), drop=drop,
+                                dataset_ref=trigger.get("dataset"), log=ctx.log)
         training = plan[-1].dataset
         ctx.outputs.update(method=plan[-1].method, training_dataset=training.id,
                            counts=dict(training.counts))

@@ -145,6 +145,7 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
     ) -> dict[str, Any]:
         """Start a pipeline run on a stored dataset (training → evaluation → registration)."""
         from evertune import pipeline, steps
+        from evertune.data.store import get_dataset
         from evertune.workspace import Workspace
 
         check_run_capacity(ws)
@@ -153,13 +154,16 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
         except ConfigError as exc:
             raise ApiError(400, "; ".join(exc.problems), param="overrides",
                            code="invalid_config") from None
-        dataset = steps.training_data(run_ws, body.dataset)
-        if dataset.kind != "sft":
-            raise ApiError(400, f"dataset {dataset.id} holds {dataset.kind} records; pipeline "
-                           "runs train supervised (sft) datasets", param="dataset",
-                           code="invalid_dataset")
+        # The round's plan (method per the dataset's kind or train.stages, the data of each
+        # stage), checked before queueing: a stage with no data is a 400, not a failed run.
+        try:
+            plan = steps.plan_round(run_ws, dataset_ref=body.dataset)
+        except DataError as exc:
+            raise ApiError(400, str(exc), param="dataset", code="invalid_dataset") from None
         trigger = {"source": "api", "run_id": "run-api-" + secrets.token_hex(8),
-                   "dataset": dataset.id, "overrides": list(body.overrides), "actor": me.name}
+                   "dataset": (get_dataset(run_ws, body.dataset).id if body.dataset
+                               else plan[-1].dataset.id),
+                   "overrides": list(body.overrides), "actor": me.name}
         run_id = (start_run or pipeline.start_run)(ws, trigger)
         found = pipeline.find_run(ws, run_id)
         return found.model_dump(mode="json") if found else {"id": run_id, "trigger": trigger}

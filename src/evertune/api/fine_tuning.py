@@ -234,6 +234,9 @@ def fine_tuning_router(ws: Workspace, start_run: StartRun | None = None) -> APIR
         trigger: dict[str, Any] = {
             "source": "api", "run_id": run_id, "file": str(path), "dataset": dataset.id,
             "overrides": overrides, "file_id": body.training_file, "actor": me.name,
+            # The job above is the run's one stage, whatever train.stages says: a hosted-API
+            # job trains the method it asked for, and its run must find that very job.
+            "method": job.method,
         }
         if body.suffix:
             trigger["suffix"] = body.suffix
@@ -523,8 +526,10 @@ def _job_out(
         }
         return out
     from evertune import pipeline
+    from evertune.steps import run_of_job
 
-    run = pipeline.find_run(ws, job.run_id) if job.run_id else None
+    run_id = run_of_job(job.run_id)
+    run = pipeline.find_run(ws, run_id) if run_id else None
     if run is None:
         return out  # trained outside a pipeline run: nothing more will happen to it
     if run.status == "failed":

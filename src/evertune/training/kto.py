@@ -60,15 +60,14 @@ class Rated:
         return len(self.answer.input_ids)
 
 
-def rated_label(record: dict[str, Any]) -> bool:
-    """The boolean `label` of a rated record."""
-    label = record.get("label")
-    if not isinstance(label, bool):
-        raise DataError(
-            f"a record of this dataset has no boolean label (keys {sorted(record)}); KTO trains "
-            'on rated answers {"prompt": …, "completion": …, "label": true|false}'
-        )
-    return label
+def _label(record: dict[str, Any]) -> bool:
+    """The boolean `label` of a rated record (DataError for a record without one)."""
+    from evertune.data.formats import rated_label
+
+    try:
+        return rated_label(record)
+    except ValueError as exc:
+        raise DataError(f"{exc}: KTO trains on rated answers") from None
 
 
 def tokenize_rated(records: list[dict[str, Any]], setup: Setup) -> tuple[list[Rated], int]:
@@ -77,7 +76,7 @@ def tokenize_rated(records: list[dict[str, Any]], setup: Setup) -> tuple[list[Ra
 
     cfg, tok = setup.cfg, setup.tokenizer
     truncate = cfg.data.overlong == "truncate"
-    examples = [to_example({k: v for k, v in r.items() if k != "label"}, tok) for r in records]
+    examples = [to_example(r, tok) for r in records]  # a rated record renders as its SFT shape
     out, skipped = [], 0
     for i, (rec, ex) in enumerate(zip(records, examples, strict=True)):
         other = examples[(i + 1) % len(examples)].completion
@@ -86,7 +85,7 @@ def tokenize_rated(records: list[dict[str, Any]], setup: Setup) -> tuple[list[Ra
         if answer is None or mismatched is None:
             skipped += 1
         else:
-            out.append(Rated(answer, mismatched, rated_label(rec)))
+            out.append(Rated(answer, mismatched, _label(rec)))
     return out, skipped
 
 
