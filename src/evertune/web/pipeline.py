@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from evertune.auth import Principal
+from evertune.steps import run_of_job
 from evertune.web.charts import Series, bar_chart, line_chart
 from evertune.web.render import back, page
 from evertune.web.session import check_form
@@ -95,6 +96,31 @@ def add_routes(router: APIRouter, c: Console) -> None:
         return back(request, "ok", f"run {new_id} retries {run_id}: the steps that succeeded "
                     "are reused, the failed one runs again", to=f"/runs/{new_id}")
 
+    @router.post("/jobs/{job_id}/{action}")
+    def job_action(
+        request: Request, job_id: str, action: str, csrf: str = Form(""),  # noqa: B008
+        me: Principal = Depends(c.signed_in),  # noqa: B008
+    ) -> RedirectResponse:
+        """Pause a running job, or resume a paused one (its pipeline run still waits on it)."""
+        from evertune.errors import JobError
+        from evertune.training import jobs
+
+        check_form(request, csrf, me, "jobs")
+        job = jobs.get_job(ws, job_id)  # stored ids only: a made-up id is a 404
+        try:
+            if action == "pause":
+                jobs.pause_job(ws, job.id)
+                return back(request, "ok", f"job {job.id} pauses after its current step and "
+                            "saves a checkpoint", to=f"/jobs/{job.id}")
+            if action == "resume" and job.status == "paused":
+                jobs.resume_job(ws, job.id)
+                return back(request, "ok", f"job {job.id} resumed from its newest checkpoint",
+                            to=f"/jobs/{job.id}")
+        except JobError as exc:
+            return back(request, "error", str(exc), to=f"/jobs/{job.id}")
+        return back(request, "error", f"job {job.id} is {job.status}: it can be paused while "
+                    "running and resumed while paused", to=f"/jobs/{job.id}")
+
     @router.get("/jobs")
     def jobs_page(
         request: Request, me: Principal = Depends(c.signed_in)  # noqa: B008
@@ -114,8 +140,19 @@ def add_routes(router: APIRouter, c: Console) -> None:
         job = jobs.get_job(ws, job_id)
         metrics = jobs.list_metrics(ws, job.id)
         events = jobs.list_events(ws, job.id)
+        # Preference methods: how often the policy prefers the chosen answer, and by how much.
+        rewards = [Series(label, _series(metrics, key)) for key, label in (
+            ("reward_accuracy", "reward accuracy"), ("val_reward_accuracy", "validation accuracy"),
+            ("reward_margin", "reward margin"), ("reward_desirable", "reward (desirable)"),
+            ("reward_undesirable", "reward (undesirable)"), ("kl", "KL estimate z0"))]
+        rewards = [r for r in rewards if r.points]
         return page(
             request, me, "job.html", title=f"Job {job.id}", job=job,
+            run_id=run_of_job(job.run_id),
+            can_pause=job.status == "running" and me.can("jobs"),
+            can_resume=job.status == "paused" and me.can("jobs"),
+            reward_chart=line_chart(rewards, title="rewards", x_label="step",
+                                    y_label="reward") if rewards else None,
             progress=jobs.progress_of(metrics, job),
             loss_chart=line_chart(
                 [Series("train loss", _series(metrics, "train_loss")),
