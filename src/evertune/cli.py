@@ -342,22 +342,9 @@ def _train_and_register(ws: Workspace, job_id: str, *, resume: bool = False) -> 
     """Follow a job with a progress bar, then evaluate and register its result."""
     from evertune import steps
     from evertune.evaluation import print_report
-    from evertune.training.jobs import cancel_job
 
-    try:
-        with _TrainProgress(f"training {job_id}") as bar:
-            job = steps.follow(ws, job_id, on_progress=bar)
-    except KeyboardInterrupt:
-        cancel_job(ws, job_id)
-        err_console.print(
-            f"[yellow]Interrupted: job {job_id} is being cancelled.[/] "
-            f"Resume it later with `evertune jobs resume {job_id}`."
-        )
-        raise typer.Exit(130) from None
-    console.print(
-        f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained; "
-        f"adapter at {job.result['path']}"
-    )
+    job = _train_only(ws, job_id)
+    console.print(f"adapter at {job.result['path'] if job.result else '-'}")
     with _EvalProgress() as bar:
         report = steps.evaluate(ws, job, progress=bar)
     print_report(report, console)
@@ -419,7 +406,7 @@ def tune(
     _train_and_register(ws, jobs_done[-1].id)
 
 
-def _train_only(ws: Workspace, job_id: str) -> None:
+def _train_only(ws: Workspace, job_id: str) -> Any:
     """Follow a job with a progress bar until it succeeds (Ctrl-C cancels it; exit 130)."""
     from evertune import steps
     from evertune.training.jobs import cancel_job
@@ -435,6 +422,7 @@ def _train_only(ws: Workspace, job_id: str) -> None:
         )
         raise typer.Exit(130) from None
     console.print(f"[green]Job {job.id} succeeded[/]: {job.trained_tokens} tokens trained")
+    return job
 
 
 @app.command("eval")
