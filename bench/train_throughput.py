@@ -1,11 +1,13 @@
-"""Training throughput: Evertune's SFT loop vs a plain `transformers.Trainer`, same everything.
+"""Training throughput: Evertune's training loops vs the usual Hugging Face way, same everything.
 
-    python bench/train_throughput.py                          # tiny model, 30 steps (~1 min)
+    python bench/train_throughput.py                          # SFT: tiny model, 30 steps (~1 min)
     python bench/train_throughput.py --model default --steps 8  # SmolLM2-135M (~10 min on 2 CPUs)
+    python bench/train_throughput.py --suite pretrain         # packing vs padding, same documents
+    python bench/train_throughput.py --suite dpo              # DPO vs TRL's DPOTrainer, peak RSS
 
-One process, one model, one data set of examples whose lengths spread from 16 to 400 tokens,
-the same LoRA settings (r 16, alpha 32, dropout 0.05, all linear layers), batch size, learning
-rate, warmup, schedule, clipping and step count. Three contenders:
+`--suite sft` (the default): one process, one model, one data set of examples whose lengths
+spread from 16 to 400 tokens, the same LoRA settings (r 16, alpha 32, dropout 0.05, all linear
+layers), batch size, learning rate, warmup, schedule, clipping and step count. Three contenders:
 
 - `trainer`: `transformers.Trainer` + `DataCollatorForSeq2Seq` (dynamic padding to the
   batch's longest example, random order): what a plain HF fine-tuning script does;
@@ -17,7 +19,41 @@ Throughput is non-pad tokens per second of training-loop time (model loading, to
 and, for our loop, checkpoints are outside the clock; our loop's per-step metric rows and
 cancel checks in the state DB are inside it). Each contender runs `--repeats` times,
 interleaved, and the median counts. Targets: padded ≥ 1.0× trainer, grouped ≥ 1.3× trainer.
-Writes a JSON record to bench/results/ (gitignored) and prints a table.
+
+`--suite pretrain`: continued pretraining (evertune.training.pretrain) on `steps × batch`
+text documents of 20–400 tokens, one pass, same block size: `packed` (train.pretrain.packing
+true: documents concatenated into full blocks, positions restarting per document) against
+`padded` (packing false, one document per row, train.batching=padded: random order, each
+batch padded to its longest document), and for reference `unpacked grouped` (packing false,
+group_by_length). Non-pad tokens/s of training-loop time. Target: packed ≥ 2× padded.
+
+`--suite dpo`: `steps × batch` preference pairs; each contender runs in a fresh child process
+(loads the model, trains, reports its training-loop time, tokens and peak RSS =
+getrusage(RUSAGE_SELF).ru_maxrss, which never resets within a process; VmHWM is recorded as a
+cross-check, and children are started through a forking shell because Linux carries the
+spawner's RSS high-water mark into an exec'd child's ru_maxrss):
+
+- `trl`: TRL's `DPOTrainer` with a PEFT LoRA config (its default: the reference log-probs
+  come from a per-step forward with the adapter disabled);
+- `trl precompute`: the same with `precompute_ref_log_probs=True` (its reference pass over
+  the data before training: the same trade-off as ours);
+- `evertune dpo`: our DPO recipe (reference log-probs of the starting weights computed once
+  before the first step: `prepare_seconds`), `train.batching=padded` like TRL's random order;
+- `evertune sft`: our SFT recipe on prompt + chosen of the same pairs, for the memory target;
+- (on request) `evertune sft rows`: SFT on prompt + chosen and prompt + rejected at twice the
+  batch size, the DPO run's rows, to tell the method's memory from its rows' memory.
+
+Both DPO trainers get the same token sequences (evertune's templating; TRL's own tokenizing is
+bypassed), LoRA settings, batch size, lr, schedule, steps, beta 0.1, sigmoid loss, max length
+512, fp32, no gradient checkpointing, LoRA dropout on (TRL's defaults bf16, gradient
+checkpointing and disable_dropout are switched off to match). Tokens = non-pad tokens of the
+chosen + rejected rows of each step, counted from each trainer's batches. Targets: evertune dpo
+≥ 1.0× trl tokens/s; evertune dpo peak RSS ≤ 1.3× evertune sft peak RSS. Without TRL
+installed (`pip install -e '.[bench]'`), a plain PyTorch DPO loop with a per-step reference
+forward under peft's `disable_adapter` (what TRL does with a PEFT model) stands in, labelled
+`plain loop (no TRL)`.
+
+Each suite writes a JSON record to bench/results/ (gitignored) and prints a table.
 """
 
 from __future__ import annotations
@@ -27,7 +63,10 @@ import json
 import os
 import platform
 import random
+import resource
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +86,24 @@ _TEXT = (
 )
 WORDS = _TEXT.split()
 TARGETS = {"evertune padded": 1.0, "evertune grouped": 1.3}
+PRETRAIN_TARGET = 2.0  # packed ≥ 2× padded
+DPO_SPEED_TARGET = 1.0  # evertune dpo ≥ 1.0× trl
+DPO_RSS_TARGET = 1.3  # evertune dpo peak RSS ≤ 1.3× evertune sft peak RSS
+LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+LEARNING_RATE, WARMUP_STEPS, MAX_SEQ_LEN, BETA = 1e-3, 5, 512, 0.1
+MIN_LEN = {"sft": 16, "pretrain": 20, "dpo": 16}
+DPO_CONTENDERS = ["trl", "trl precompute", "evertune dpo", "evertune sft"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--suite",
+        choices=["sft", "pretrain", "dpo", "all"],
+        default="sft",
+        help="sft: SFT loop vs transformers.Trainer; pretrain: packing vs padding; "
+        "dpo: DPO vs TRL's DPOTrainer, with peak RSS per contender; all: the three",
+    )
     p.add_argument(
         "--model",
         choices=["tiny", "default"],
@@ -61,12 +114,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps per contender (default 30 tiny, 8 default)",
+        help="batches of data (default 30 tiny, 8 default): SFT and DPO run exactly this many "
+        "steps; pretraining gets steps × batch documents (packed, they make fewer steps)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="runs per contender; the median counts")
-    p.add_argument("--min-len", type=int, default=16, help="shortest example, tokens")
+    p.add_argument(
+        "--min-len", type=int, default=None, help="shortest example, tokens (16; 20 pretrain)"
+    )
     p.add_argument("--max-len", type=int, default=400, help="longest example, tokens")
+    p.add_argument("--block-size", type=int, default=512, help="pretrain: tokens per block")
+    p.add_argument(
+        "--contenders",
+        default=",".join(DPO_CONTENDERS),
+        help="dpo: comma-separated subset of: "
+        + ", ".join(DPO_CONTENDERS)
+        + "; also: evertune dpo grouped, evertune sft rows (SFT on the chosen and the rejected "
+        "rows at twice the batch: a DPO step's rows), plain loop (no TRL)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument(
         "--cache",
@@ -76,13 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         help="where the default model is converted once (~1 min the first time)",
     )
+    # Internal: a DPO-suite contender in its own process (`--child NAME --spec FILE`).
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def make_records(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> list[dict]:
-    """`n` prompt/completion records whose tokenized lengths spread uniformly over
-    [min_len, max_len] (prompt 30–70 % of it), built from words until the length is reached."""
-    rng = random.Random(seed)
+def _text_maker(tokenizer: Any, rng: random.Random) -> Any:
+    """`text(n)`: text of exactly `n` tokens (on re-encoding) built from WORDS."""
 
     def text(tokens: int) -> str:
         words: list[str] = []
@@ -91,12 +157,54 @@ def make_records(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int =
         ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:tokens]
         return tokenizer.decode(ids)
 
+    return text
+
+
+def make_records(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> list[dict]:
+    """`n` prompt/completion records whose tokenized lengths spread uniformly over
+    [min_len, max_len] (prompt 30–70 % of it), built from words until the length is reached."""
+    rng = random.Random(seed)
+    text = _text_maker(tokenizer, rng)
     records = []
     for i in range(n):
         total = rng.randint(min_len, max_len) - 1  # -1: the EOS token the loop appends
         prompt = max(1, int(total * rng.uniform(0.3, 0.7)))
         records.append(
             {"prompt": f"{i}. " + text(prompt - 2), "completion": " " + text(total - prompt)}
+        )
+    return records
+
+
+def make_documents(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> list[dict]:
+    """`n` text records of min_len–max_len tokens each (uniform), EOS included."""
+    rng = random.Random(seed)
+    text = _text_maker(tokenizer, rng)
+    docs = []
+    for i in range(n):
+        prefix = f"{i}. "
+        used = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        docs.append({"text": prefix + text(max(1, rng.randint(min_len, max_len) - used))})
+    return docs
+
+
+def make_pairs(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> list[dict]:
+    """`n` preference records: a prompt, and two answers of independent lengths; the raw
+    prompt + either answer spreads over [min_len, max_len] tokens (the chat template, where the
+    tokenizer has one, adds its own tokens around the prompt)."""
+    rng = random.Random(seed)
+    text = _text_maker(tokenizer, rng)
+    records = []
+    for i in range(n):
+        total = rng.randint(min_len, max_len) - 1
+        prompt = max(3, int(total * rng.uniform(0.3, 0.7)))
+        chosen = max(1, total - prompt)
+        rejected = max(1, rng.randint(min_len, max_len) - 1 - prompt)  # same spread, own draw
+        records.append(
+            {
+                "prompt": f"{i}. " + text(prompt - 2),
+                "chosen": " " + text(chosen),
+                "rejected": " " + text(rejected),
+            }
         )
     return records
 
@@ -117,41 +225,71 @@ def make_workspace(scratch: Path, base: Path, args: argparse.Namespace, steps: i
     Workspace.init(scratch / "ws")
     cfg = yaml.safe_load((scratch / "ws" / "evertune.yaml").read_text())
     cfg["model"]["base"] = str(base)
-    # Everything in train; no validation split, so no contender evaluates.
+    # Everything in train; no validation split, so no contender evaluates. No replay: every
+    # contender trains exactly the benchmark's examples (replay would add the base model's
+    # answers to general prompts to ours only).
     cfg["data"].update(
-        {"split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "max_seq_len": 512}
+        {
+            "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+            "max_seq_len": MAX_SEQ_LEN,
+            "replay": 0.0,
+        }
     )
     cfg["train"].update(
         {
             "n_epochs": 1,
             "batch_size": args.batch_size,
-            "learning_rate": 1e-3,
-            "warmup_steps": 5,
+            "learning_rate": LEARNING_RATE,
+            "warmup_steps": WARMUP_STEPS,
             "checkpoint_every": steps + 1,
             "log_every": 1,
             "threads": args.threads,
             "seed": 0,
         }
     )
+    cfg["train"]["lora"].update(
+        {
+            "r": LORA["r"],
+            "alpha": LORA["alpha"],
+            "dropout": LORA["dropout"],
+            "target_modules": LORA["target_modules"],
+        }
+    )
+    cfg["train"]["dpo"].update({"beta": BETA, "loss_type": "sigmoid", "label_smoothing": 0.0})
+    cfg["train"]["pretrain"].update({"block_size": args.block_size})
     (scratch / "ws" / "evertune.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return Workspace.open(scratch / "ws")
 
 
-def run_ours(ws: Any, dataset: Any, batching: str) -> dict[str, Any]:
+def add_dataset(ws: Any, scratch: Path, name: str, records: list[dict], tokenizer: Any):
+    from evertune.data.store import add_files
+
+    path = scratch / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (dataset,) = add_files(ws, [path], tokenizer=tokenizer).versions
+    return dataset
+
+
+def run_ours(
+    ws: Any, dataset: Any, batching: str, recipe: Any = None, overrides: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """One job of `dataset` through the harness, in this process; `recipe` None = SFT."""
+    from evertune.training.harness import run_recipe
     from evertune.training.jobs import create_job, transition
-    from evertune.training.sft import run_sft
+    from evertune.training.sft import SftRecipe
     from evertune.workspace import Workspace
 
-    w = Workspace.open(ws.root, [f"train.batching={batching}"])
+    w = Workspace.open(ws.root, [f"train.batching={batching}", *overrides])
     job = create_job(w, dataset)
     transition(w, job.id, "running", message="benchmark run in-process")
-    result = run_sft(w, job.id)
+    result = run_recipe(w, job.id, recipe if recipe is not None else SftRecipe())
     assert result.job.status == "succeeded", result.job.error
     return {
         "steps": result.steps,
         "tokens": result.tokens_this_run,
         "positions": result.positions_this_run,
         "seconds": result.train_seconds,
+        "prepare_seconds": result.prepare_seconds,
         "padding_fraction": result.padding_fraction,
     }
 
@@ -259,33 +397,104 @@ def warm_up(base: Path, examples: list[Any], batch_size: int) -> None:
     torch.manual_seed(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    steps = args.steps or (30 if args.model == "tiny" else 8)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def machine_info(load_before: tuple[float, ...]) -> dict[str, Any]:
     import torch
     import transformers
 
-    from evertune.data.store import add_files
+    info = {
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        # Other processes on the machine skew timings; the 1-minute load average
+        # before and after tells a reader how quiet it was.
+        "loadavg_before": load_before[0],
+        "loadavg_after": os.getloadavg()[0],
+    }
+    try:
+        import trl
+
+        info["trl"] = trl.__version__
+    except ImportError:
+        info["trl"] = None
+    return info
+
+
+def write_record(
+    args: argparse.Namespace, argv: list[str] | None, suite: str, record: dict
+) -> None:
+    record = {
+        "command": "python bench/train_throughput.py "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "suite": suite,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "lora": LORA,
+        "learning_rate": LEARNING_RATE,
+        "warmup_steps": WARMUP_STEPS,
+        **record,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # The SFT suite keeps its original file name.
+    prefix = "train_throughput" if suite == "sft" else f"train_throughput-{suite}"
+    out = RESULTS / f"{prefix}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+def length_summary(lengths: list[int]) -> dict[str, float]:
+    return {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)}
+
+
+def run_interleaved(contenders: dict[str, Any], repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Each contender `repeats` times, the order rotating each repeat so no contender always
+    runs first (or last)."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    names = list(contenders)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            out = contenders[name]()
+            out["tokens_per_s"] = out["tokens"] / out["seconds"]
+            runs[name].append(out)
+            extra = f", peak RSS {out['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in out else ""
+            print(
+                f"  run {r + 1}/{repeats} {name:22} {out['tokens_per_s']:9.0f} tok/s "
+                f"({out['steps']} steps, {out['seconds']:.1f} s{extra})",
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs
+
+
+def _median(outs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(x[key] for x in outs)
+
+
+# -- suite sft: our SFT loop vs transformers.Trainer --------------------------------------------
+
+
+def suite_sft(args: argparse.Namespace, argv: list[str] | None) -> None:
+    steps = args.steps or (30 if args.model == "tiny" else 8)
+    min_len = args.min_len or MIN_LEN["sft"]
+    import torch
+
     from evertune.models import load_tokenizer
     from evertune.training.sft import tokenize_split
 
-    transformers.logging.set_verbosity_error()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="evertune-bench-") as tmp:
         scratch = Path(tmp)
         base = model_path(args, scratch)
         tokenizer = load_tokenizer(base)
         n = steps * args.batch_size  # one epoch of exactly `steps` batches
-        records = make_records(tokenizer, n, args.min_len, args.max_len)
+        records = make_records(tokenizer, n, min_len, args.max_len)
         ws = make_workspace(scratch, base, args, steps)
-        data_file = scratch / "train.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-        dataset = next(v for v in add_files(ws, [data_file], tokenizer=tokenizer).versions)
-        examples, _ = tokenize_split(dataset.records("train"), tokenizer, 512, False)
+        dataset = add_dataset(ws, scratch, "train.jsonl", records, tokenizer)
+        examples, _ = tokenize_split(dataset.records("train"), tokenizer, MAX_SEQ_LEN, False)
         lengths = [len(e.input_ids) for e in examples]
         assert len(examples) == n, f"{n - len(examples)} records were rejected; check --max-len"
 
@@ -294,31 +503,18 @@ def main(argv: list[str] | None = None) -> int:
             "evertune padded": lambda: run_ours(ws, dataset, "padded"),
             "evertune grouped": lambda: run_ours(ws, dataset, "group_by_length"),
         }
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
         warm_up(base, examples, args.batch_size)
-        names = list(contenders)
-        for r in range(args.repeats):
-            # Rotate the order each repeat, so no contender always runs first (or last).
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                out = contenders[name]()
-                out["tokens_per_s"] = out["tokens"] / out["seconds"]
-                runs[name].append(out)
-                print(
-                    f"  run {r + 1}/{args.repeats} {name:17} {out['tokens_per_s']:9.0f} tok/s "
-                    f"({out['steps']} steps, {out['seconds']:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        runs = run_interleaved(contenders, args.repeats)
 
     summary = {}
-    base_tps = statistics.median(x["tokens_per_s"] for x in runs["trainer"])
+    base_tps = _median(runs["trainer"], "tokens_per_s")
     for name, outs in runs.items():
-        tps = statistics.median(x["tokens_per_s"] for x in outs)
+        tps = _median(outs, "tokens_per_s")
         summary[name] = {
             "tokens_per_s": tps,
             "speedup": tps / base_tps,
             "padding_fraction": outs[0]["padding_fraction"],
-            "seconds": statistics.median(x["seconds"] for x in outs),
+            "seconds": _median(outs, "seconds"),
             "steps": outs[0]["steps"],
             "target": TARGETS.get(name),
             "meets_target": None if name not in TARGETS else tps / base_tps >= TARGETS[name],
@@ -341,38 +537,604 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:18} {s['tokens_per_s']:10.0f} {s['speedup']:10.2f}× "
             f"{s['padding_fraction']:8.1%} {target:>8}"
         )
-
-    record = {
-        "command": "python bench/train_throughput.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "model": args.model,
-        "steps": steps,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "lengths": {"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-        "learning_rate": 1e-3,
-        "warmup_steps": 5,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            # Other processes on the machine skew timings; the 1-minute load average
-            # before and after tells a reader how quiet it was.
-            "loadavg_before": load_before[0],
-            "loadavg_after": os.getloadavg()[0],
+    write_record(
+        args,
+        argv,
+        "sft",
+        {
+            "steps": steps,
+            "lengths": length_summary(lengths),
+            "machine": machine_info(load_before),
+            "summary": summary,
+            "runs": runs,
         },
-        "summary": summary,
-        "runs": runs,
+    )
+
+
+# -- suite pretrain: packed blocks vs one padded document per row -------------------------------
+
+
+def suite_pretrain(args: argparse.Namespace, argv: list[str] | None) -> None:
+    steps = args.steps or (30 if args.model == "tiny" else 8)
+    min_len = args.min_len or MIN_LEN["pretrain"]
+    import torch
+
+    from evertune.models import load_tokenizer
+    from evertune.training.pretrain import PretrainRecipe, document_ids, split_documents
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="evertune-bench-") as tmp:
+        scratch = Path(tmp)
+        base = model_path(args, scratch)
+        tokenizer = load_tokenizer(base)
+        n = steps * args.batch_size  # one epoch of exactly `steps` padded batches
+        docs = make_documents(tokenizer, n, min_len, args.max_len)
+        ws = make_workspace(scratch, base, args, steps)
+        dataset = add_dataset(ws, scratch, "corpus.jsonl", docs, tokenizer)
+        assert dataset.kind == "pretrain", dataset.kind
+        ids = document_ids(dataset.records("train"), tokenizer)
+        lengths = [len(d) for d in ids]
+        assert len(ids) == n, f"{n - len(ids)} documents were rejected"
+        assert max(lengths) <= args.block_size, "--max-len over --block-size: documents would split"
+
+        contenders = {
+            "padded": lambda: run_ours(ws, dataset, "padded", PretrainRecipe(packing=False)),
+            "packed": lambda: run_ours(ws, dataset, "padded", PretrainRecipe(packing=True)),
+            "unpacked grouped": lambda: run_ours(
+                ws, dataset, "group_by_length", PretrainRecipe(packing=False)
+            ),
+        }
+        warm_up(base, split_documents(ids, args.block_size), args.batch_size)
+        runs = run_interleaved(contenders, args.repeats)
+
+    summary = {}
+    base_tps = _median(runs["padded"], "tokens_per_s")
+    for name, outs in runs.items():
+        tps = _median(outs, "tokens_per_s")
+        summary[name] = {
+            "tokens_per_s": tps,
+            "vs_padded": tps / base_tps,
+            "padding_fraction": outs[0]["padding_fraction"],
+            "seconds": _median(outs, "seconds"),
+            "steps": outs[0]["steps"],
+            "tokens": outs[0]["tokens"],
+            "target": PRETRAIN_TARGET if name == "packed" else None,
+            "meets_target": tps / base_tps >= PRETRAIN_TARGET if name == "packed" else None,
+        }
+
+    print(
+        f"\nmodel {args.model} ({base.name}), {n} documents of {min(lengths)}–{max(lengths)} "
+        f"tokens (mean {statistics.mean(lengths):.0f}, EOS included), block size "
+        f"{args.block_size}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
+        f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'contender':18} {'tokens/s':>10} {'vs padded':>10} {'padding':>8} {'steps':>6} "
+        f"{'target':>8}"
+    )
+    for name, s in summary.items():
+        target = (
+            ""
+            if s["target"] is None
+            else (f"≥{s['target']:.1f}× " + ("ok" if s["meets_target"] else "MISS"))
+        )
+        print(
+            f"{name:18} {s['tokens_per_s']:10.0f} {s['vs_padded']:9.2f}× "
+            f"{s['padding_fraction']:8.1%} {s['steps']:6d} {target:>8}"
+        )
+    write_record(
+        args,
+        argv,
+        "pretrain",
+        {
+            "documents": n,
+            "block_size": args.block_size,
+            "lengths": length_summary(lengths),
+            "machine": machine_info(load_before),
+            "summary": summary,
+            "runs": runs,
+        },
+    )
+
+
+# -- suite dpo: our DPO recipe vs TRL's DPOTrainer, one child process per run --------------------
+
+
+def suite_dpo(args: argparse.Namespace, argv: list[str] | None) -> None:
+    steps = args.steps or (30 if args.model == "tiny" else 8)
+    min_len = args.min_len or MIN_LEN["dpo"]
+    from evertune.data.templating import Example, to_example, to_preference, tokenize_example
+    from evertune.models import load_tokenizer
+
+    names = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print(
+            "TRL is not installed (pip install -e '.[bench]'): a plain PyTorch DPO loop with a "
+            "per-step reference forward stands in for it",
+            file=sys.stderr,
+        )
+        names = [c for c in names if not c.startswith("trl")]
+        if "plain loop (no TRL)" not in names:
+            names.insert(0, "plain loop (no TRL)")
+    unknown = set(names) - set(CHILDREN)
+    assert not unknown, f"unknown contenders {sorted(unknown)}; choose from {sorted(CHILDREN)}"
+    baseline = next(
+        (n for n in ("trl", "plain loop (no TRL)", "trl precompute") if n in names), None
+    )
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="evertune-bench-") as tmp:
+        scratch = Path(tmp)
+        base = model_path(args, scratch)
+        tokenizer = load_tokenizer(base)
+        n = steps * args.batch_size  # one epoch of exactly `steps` batches of pairs
+        pairs = make_pairs(tokenizer, n, min_len, args.max_len)
+        ws = make_workspace(scratch, base, args, steps)
+        dpo_data = add_dataset(ws, scratch, "pairs.jsonl", pairs, tokenizer)
+        assert dpo_data.kind == "dpo", dpo_data.kind
+        # SFT on prompt + chosen: the same prompt rendering as a preference record's.
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        sft_records = [
+            {"input": r["prompt"], "output": r["chosen"]}
+            if chat
+            else {"prompt": r["prompt"], "completion": r["chosen"]}
+            for r in dpo_data.records("train")
+        ]
+        sft_data = add_dataset(ws, scratch, "chosen.jsonl", sft_records, tokenizer)
+        assert len(dpo_data.records("train")) == n == len(sft_data.records("train")), (
+            "records were rejected or deduplicated"
+        )
+        # `evertune sft rows` (diagnostic): SFT on prompt + chosen and prompt + rejected at twice
+        # the batch size: the DPO run's rows, as many per step, so its memory is DPO's minus
+        # the method.
+        rows_records = sft_records + [
+            {"input": r["prompt"], "output": r["rejected"]}
+            if chat
+            else {"prompt": r["prompt"], "completion": r["rejected"]}
+            for r in dpo_data.records("train")
+        ]
+        rows_data = add_dataset(ws, scratch, "rows.jsonl", rows_records, tokenizer)
+        assert len(rows_data.records("train")) == 2 * n, "records were rejected or deduplicated"
+        chosen_len, rejected_len = [], []
+        # The store orders each version's records by its own hash: match them by prompt.
+        sft_of = {r["input" if chat else "prompt"]: r for r in sft_data.records("train")}
+        for rec in dpo_data.records("train"):
+            sft = sft_of[rec["prompt"]]
+            p = to_preference(rec, tokenizer)
+            c = tokenize_example(Example(p.prompt, p.chosen), tokenizer, MAX_SEQ_LEN, False)
+            r = tokenize_example(Example(p.prompt, p.rejected), tokenizer, MAX_SEQ_LEN, False)
+            t = tokenize_example(to_example(sft, tokenizer), tokenizer, MAX_SEQ_LEN, False)
+            assert c is not None and r is not None, "a pair is over max_seq_len; lower --max-len"
+            assert t is not None and t.input_ids == c.input_ids, "SFT rows differ from chosen rows"
+            chosen_len.append(len(c.input_ids))
+            rejected_len.append(len(r.input_ids))
+
+        spec = {
+            "workspace": str(ws.root),
+            "base": str(base),
+            "dpo_dataset": dpo_data.id,
+            "sft_dataset": sft_data.id,
+            "sft_rows_dataset": rows_data.id,
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "scratch": str(scratch),
+        }
+        spec_path = scratch / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+
+        def child(name: str) -> dict[str, Any]:
+            # Through a shell that forks (`; exit $?` keeps it from exec-ing python in its
+            # place): Linux carries the spawning process's RSS high-water mark into an exec'd
+            # child's ru_maxrss, so a child spawned straight from this process would report at
+            # least this process's peak. The shell's is a few MB.
+            cmd = [
+                "/bin/sh",
+                "-c",
+                '"$0" "$@"; exit $?',
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                name,
+                "--spec",
+                str(spec_path),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                raise SystemExit(f"contender {name!r} failed (exit {proc.returncode})")
+            return json.loads(lines[-1][len("RESULT ") :])
+
+        runs = run_interleaved(
+            {name: (lambda name=name: child(name)) for name in names}, args.repeats
+        )
+
+    summary: dict[str, dict[str, Any]] = {}
+    base_tps = _median(runs[baseline], "tokens_per_s") if baseline else None
+    sft_rss = _median(runs["evertune sft"], "peak_rss_mb") if "evertune sft" in runs else None
+    for name, outs in runs.items():
+        tps = _median(outs, "tokens_per_s")
+        prep = _median(outs, "prepare_seconds")
+        with_prep = statistics.median(
+            x["tokens"] / (x["seconds"] + x["prepare_seconds"]) for x in outs
+        )
+        rss = _median(outs, "peak_rss_mb")
+        s: dict[str, Any] = {
+            "tokens_per_s": tps,
+            "tokens_per_s_with_prepare": with_prep,
+            "prepare_seconds": prep,
+            "seconds": _median(outs, "seconds"),
+            "steps": outs[0]["steps"],
+            "tokens": outs[0]["tokens"],
+            "padding_fraction": outs[0]["padding_fraction"],
+            "peak_rss_mb": rss,
+            "rss_after_imports_mb": _median(outs, "rss_after_imports_mb"),
+            "vm_hwm_mb": _median(outs, "vm_hwm_mb"),
+        }
+        if baseline and base_tps and not name.startswith("evertune sft"):
+            base_with = statistics.median(
+                x["tokens"] / (x["seconds"] + x["prepare_seconds"]) for x in runs[baseline]
+            )
+            s["vs_baseline"] = tps / base_tps
+            s["vs_baseline_with_prepare"] = with_prep / base_with
+        if sft_rss:
+            s["rss_vs_sft"] = rss / sft_rss
+        summary[name] = s
+    if "evertune dpo" in summary:
+        s = summary["evertune dpo"]
+        s["speed_target"], s["rss_target"] = DPO_SPEED_TARGET, DPO_RSS_TARGET
+        s["meets_speed_target"] = (
+            s["vs_baseline"] >= DPO_SPEED_TARGET if "vs_baseline" in s else None
+        )
+        s["meets_rss_target"] = s["rss_vs_sft"] <= DPO_RSS_TARGET if "rss_vs_sft" in s else None
+
+    all_len = chosen_len + rejected_len
+    print(
+        f"\nmodel {args.model} ({base.name}), {steps} steps × {args.batch_size} pairs, "
+        f"{n} pairs: chosen rows {min(chosen_len)}–{max(chosen_len)} tokens (mean "
+        f"{statistics.mean(chosen_len):.0f}), rejected rows {min(rejected_len)}–"
+        f"{max(rejected_len)} (mean {statistics.mean(rejected_len):.0f}); torch threads "
+        f"{args.threads or 'default'}, load average {load_before[0]:.1f} → "
+        f"{os.getloadavg()[0]:.1f}; baseline: {baseline}"
+    )
+    head = (
+        f"{'contender':22} {'tokens/s':>9} {'vs base':>8} {'prepare s':>9} "
+        f"{'tok/s incl.':>11} {'vs base':>8} {'padding':>8} {'peak RSS MB':>11} "
+        f"{'vs sft':>7} {'RSS after imports':>17}"
+    )
+    print(head)
+    for name, s in summary.items():
+        vs = f"{s['vs_baseline']:7.2f}×" if "vs_baseline" in s else " " * 8
+        vs2 = f"{s['vs_baseline_with_prepare']:7.2f}×" if "vs_baseline" in s else " " * 8
+        rv = f"{s['rss_vs_sft']:6.2f}×" if "rss_vs_sft" in s else " " * 7
+        print(
+            f"{name:22} {s['tokens_per_s']:9.0f} {vs} {s['prepare_seconds']:9.2f} "
+            f"{s['tokens_per_s_with_prepare']:11.0f} {vs2} {s['padding_fraction']:8.1%} "
+            f"{s['peak_rss_mb']:11.0f} {rv} {s['rss_after_imports_mb']:17.0f}"
+        )
+    for name, s in summary.items():
+        if abs(s["peak_rss_mb"] - s["vm_hwm_mb"]) > 0.05 * s["vm_hwm_mb"]:
+            print(
+                f"note: {name}: ru_maxrss {s['peak_rss_mb']:.0f} MB but VmHWM "
+                f"{s['vm_hwm_mb']:.0f} MB (the spawning process's peak leaked into ru_maxrss?)"
+            )
+    if "evertune dpo" in summary:
+        s = summary["evertune dpo"]
+        if s.get("meets_speed_target") is not None:
+            print(
+                f"target tokens/s ≥ {DPO_SPEED_TARGET:.1f}× {baseline}: "
+                + ("ok" if s["meets_speed_target"] else "MISS")
+            )
+        if s.get("meets_rss_target") is not None:
+            print(
+                f"target peak RSS ≤ {DPO_RSS_TARGET:.1f}× evertune sft: "
+                + ("ok" if s["meets_rss_target"] else "MISS")
+            )
+    write_record(
+        args,
+        argv,
+        "dpo",
+        {
+            "steps": steps,
+            "pairs": n,
+            "beta": BETA,
+            "loss_type": "sigmoid",
+            "max_length": MAX_SEQ_LEN,
+            "baseline": baseline,
+            "lengths": {
+                "chosen": length_summary(chosen_len),
+                "rejected": length_summary(rejected_len),
+                "all": length_summary(all_len),
+            },
+            "machine": machine_info(load_before),
+            "summary": summary,
+            "runs": runs,
+        },
+    )
+
+
+# -- the DPO suite's contenders, each in its own process -------------------------------------------
+
+
+def _rss_now_mb() -> float:
+    """This process's resident set now (VmRSS), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set so far: ru_maxrss is in KiB on Linux (bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _vm_hwm_mb() -> float:
+    """The peak resident set of this process image since its exec (VmHWM), MB: a cross-check
+    of ru_maxrss, which can also hold the spawning process's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _tokenized_pairs(spec: dict[str, Any], tokenizer: Any) -> list[Any]:
+    """The suite's pairs as evertune tokenizes them (evertune.training.dpo.Pair)."""
+    from evertune.data.store import get_dataset
+    from evertune.data.templating import Example, to_preference, tokenize_example
+    from evertune.training.dpo import Pair
+    from evertune.workspace import Workspace
+
+    ws = Workspace.open(Path(spec["workspace"]))
+    out = []
+    for rec in get_dataset(ws, spec["dpo_dataset"]).records("train"):
+        p = to_preference(rec, tokenizer)
+        c, r = (
+            tokenize_example(Example(p.prompt, a), tokenizer, MAX_SEQ_LEN, False)
+            for a in (p.chosen, p.rejected)
+        )
+        assert c is not None and r is not None
+        out.append(Pair(c, r))
+    return out
+
+
+def _lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=LORA["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def child_ours(
+    spec: dict[str, Any], dataset_key: str, batching: str, method: str, batch_factor: int = 1
+) -> dict:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from evertune.data.store import get_dataset
+    from evertune.training.dpo import DpoRecipe
+    from evertune.training.sft import SftRecipe
+    from evertune.workspace import Workspace
+
+    rss_imports = _rss_now_mb()
+    ws = Workspace.open(Path(spec["workspace"]))
+    recipe = DpoRecipe() if method == "dpo" else SftRecipe()
+    size = f"train.batch_size={spec['batch_size'] * batch_factor}"
+    out = run_ours(ws, get_dataset(ws, spec[dataset_key]), batching, recipe, (size,))
+    return {**out, "rss_after_imports_mb": rss_imports}
+
+
+def child_trl(spec: dict[str, Any], precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from evertune.models import load_model, load_tokenizer
+
+    rss_imports = _rss_now_mb()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    base = Path(spec["base"])
+    tokenizer = load_tokenizer(base)
+    rows = []
+    for pair in _tokenized_pairs(spec, tokenizer):
+        c, r = pair.chosen, pair.rejected
+        k = sum(1 for x in c.labels if x == -100)  # the prompt's tokens
+        assert c.input_ids[:k] == r.input_ids[:k]
+        rows.append(
+            {
+                "prompt_ids": c.input_ids[:k],
+                "chosen_ids": c.input_ids[k:],
+                "rejected_ids": r.input_ids[k:],
+            }
+        )
+    seen = {"tokens": 0, "positions": 0, "prepare": 0.0}
+    clock: dict[str, float] = {}
+
+    class Trainer(DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *a: Any, **k: Any) -> Any:
+            # Already tokenized, by evertune's templating: both trainers see the same tokens.
+            return dataset
+
+        def _precompute_ref_logps(self, *a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(*a, **k)
+            seen["prepare"] += time.perf_counter() - t0
+            return out
+
+        def compute_loss(self, model: Any, inputs: Any, *a: Any, **k: Any) -> Any:
+            seen["tokens"] += int(inputs["attention_mask"].sum())  # chosen + rejected rows
+            seen["positions"] += inputs["input_ids"].numel()
+            return super().compute_loss(model, inputs, *a, **k)
+
+    class Clock(TrainerCallback):  # the training loop only, as for ours
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            clock["start"] = time.perf_counter()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            clock["end"] = time.perf_counter()
+
+    dargs = DPOConfig(
+        output_dir=str(Path(spec["scratch"]) / "trl"),
+        per_device_train_batch_size=spec["batch_size"],
+        learning_rate=LEARNING_RATE,
+        warmup_steps=WARMUP_STEPS,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=spec["steps"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        beta=BETA,
+        loss_type=["sigmoid"],
+        max_length=MAX_SEQ_LEN,
+        precompute_ref_log_probs=precompute,
+        # TRL's defaults that differ from ours, set to what ours does: fp32, no activation
+        # recomputation, LoRA dropout on.
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_dropout=False,
+    )
+    trainer = Trainer(
+        model=load_model(base),
+        args=dargs,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=_lora_config(),
+        callbacks=[Clock()],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return {
+        "steps": trainer.state.global_step,
+        "tokens": seen["tokens"],
+        "positions": seen["positions"],
+        "seconds": clock["end"] - clock["start"],
+        "prepare_seconds": seen["prepare"],
+        "padding_fraction": 1 - seen["tokens"] / seen["positions"],
+        "rss_after_imports_mb": rss_imports,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"train_throughput-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+def child_plain(spec: dict[str, Any]) -> dict:
+    """The baseline when TRL is missing: a plain PyTorch DPO loop, random order, the reference
+    log-probs from a forward with the LoRA adapter disabled at every step (as TRL does with a
+    PEFT model). Log-probs through evertune's `token_logps` (the head on labelled positions
+    only, as TRL's fused LM head)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    from evertune.models import load_model, load_tokenizer
+    from evertune.training.dpo import collate_pairs, dpo_losses
+    from evertune.training.harness import token_logps
+
+    rss_imports = _rss_now_mb()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    base = Path(spec["base"])
+    tokenizer = load_tokenizer(base)
+    pairs = _tokenized_pairs(spec, tokenizer)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(base), _lora_config()).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0, fused=True)
+    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP_STEPS, spec["steps"])
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)
+    size, pad_id = spec["batch_size"], int(tokenizer.pad_token_id)
+    tokens = positions = steps = 0
+    start = time.perf_counter()
+    for i in range(0, spec["steps"] * size, size):
+        batch = collate_pairs([pairs[j] for j in order[i : i + size]], pad_id)
+        logps = token_logps(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            ref = token_logps(model, batch)
+        n = logps.shape[0] // 2
+        losses, _, _ = dpo_losses(logps[:n], logps[n:], ref[:n], ref[n:], BETA)
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        positions += batch["input_ids"].numel()
+        steps += 1
+    return {
+        "steps": steps,
+        "tokens": tokens,
+        "positions": positions,
+        "seconds": time.perf_counter() - start,
+        "prepare_seconds": 0.0,
+        "padding_fraction": 1 - tokens / positions,
+        "rss_after_imports_mb": rss_imports,
+    }
+
+
+CHILDREN = {
+    "trl": lambda spec: child_trl(spec, precompute=False),
+    "trl precompute": lambda spec: child_trl(spec, precompute=True),
+    "plain loop (no TRL)": child_plain,
+    "evertune dpo": lambda spec: child_ours(spec, "dpo_dataset", "padded", "dpo"),
+    "evertune dpo grouped": lambda spec: child_ours(spec, "dpo_dataset", "group_by_length", "dpo"),
+    "evertune sft": lambda spec: child_ours(spec, "sft_dataset", "padded", "sft"),
+    "evertune sft rows": lambda spec: child_ours(spec, "sft_rows_dataset", "padded", "sft", 2),
+}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Run one DPO-suite contender in this (fresh) process; print its result as one line."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    spec = json.loads(args.spec.read_text())
+    out = CHILDREN[args.child](spec)
+    out["peak_rss_mb"] = _peak_rss_mb()  # model load + training: the whole child
+    out["vm_hwm_mb"] = _vm_hwm_mb()
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+SUITES = {"sft": suite_sft, "pretrain": suite_pretrain, "dpo": suite_dpo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.child:
+        return child_main(args)
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for suite in list(SUITES) if args.suite == "all" else [args.suite]:
+        if args.suite == "all":
+            print(f"\n== suite {suite} ==", flush=True)
+        SUITES[suite](args, argv)
     return 0
 
 

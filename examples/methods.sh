@@ -25,7 +25,7 @@ $EVERTUNE -w "$WS" tune --method auto \
 $EVERTUNE -w "$WS" models show 1
 
 # -- 2. DPO on preference pairs ------------------------------------------------------------------
-$PYTHON examples/make_preference_pairs.py "$WS/pairs.jsonl" --pairs 200
+$PYTHON examples/make_preference_pairs.py "$WS/pairs.jsonl" --pairs 120
 $EVERTUNE -w "$WS" data add "$WS/pairs.jsonl"
 $EVERTUNE -w "$WS" tune --method dpo \
   --set train.n_epochs=1 --set train.batch_size=4 --set train.learning_rate=5e-4 \

@@ -144,6 +144,10 @@ def test_dpo_losses_follow_the_papers():
     assert torch.allclose(reward_c, 0.5 * (c - rc)) and torch.allclose(reward_r, 0.5 * (r - rr))
     ipo, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, loss_type="ipo")
     assert torch.allclose(ipo, (logits - 1.0) ** 2)
+    n_c, n_r = torch.tensor([10.0, 2.0]), torch.tensor([20.0, 4.0])  # TRL: per-token means
+    per_token, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, loss_type="ipo", lengths=(n_c, n_r))
+    want = ((c - rc) / n_c - (r - rr) / n_r - 1.0) ** 2
+    assert torch.allclose(per_token, want)
     hinge, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, loss_type="hinge")
     assert torch.allclose(hinge, torch.tensor([0.0, 1.5]))
     smoothed, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, label_smoothing=0.1)

@@ -17,8 +17,13 @@ reads the same reference instead of recomputing it from weights that have moved.
 The losses (`train.dpo.loss_type`) are written here rather than taken from TRL: TRL's are a
 method of its `DPOTrainer` (reading the trainer's own state and batch layout), which cannot
 run inside this harness without constructing the whole trainer; each is one line below,
-following TRL's definitions (sigmoid: Rafailov et al. 2023 with label smoothing as in cDPO;
-ipo: Azar et al. 2023; hinge: SLiC, Zhao et al. 2023; robust: rDPO, Chowdhury et al. 2024).
+following TRL's definitions (sigmoid: Rafailov et al. 2023, with `label_smoothing` as in
+cDPO, which TRL 1.x's sigmoid loss no longer applies; ipo: Azar et al. 2023, on mean per-token
+log-probs as in TRL; hinge: SLiC, Zhao et al. 2023; robust: rDPO, Chowdhury et al. 2024).
+
+Memory: `train.batch_size` counts pairs, and each pair is two rows (chosen and rejected), so a
+DPO step holds the activations of twice the rows of an SFT step at the same setting; halve it
+for SFT's peak memory (bench/README.md).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evertune.training.harness import (
+    IGNORE_INDEX,
     Batch,
     Recipe,
     Setup,
@@ -107,11 +113,17 @@ def dpo_losses(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    lengths: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair (loss, chosen reward, rejected reward) from the policy's and the reference's
-    log-probs; rewards are beta × (policy − reference), TRL's `rewards/chosen|rejected`."""
+    summed log-probs; rewards are beta × (policy − reference), TRL's `rewards/chosen|rejected`.
+    `lengths`: the (chosen, rejected) completion token counts; IPO compares mean per-token
+    log-probs (as TRL does), so its target margin 1/(2 beta) does not depend on length."""
     import torch.nn.functional as F
 
+    if loss_type == "ipo" and lengths is not None:
+        chosen, ref_chosen = chosen / lengths[0], ref_chosen / lengths[0]
+        rejected, ref_rejected = rejected / lengths[1], ref_rejected / lengths[1]
     logits = (chosen - rejected) - (ref_chosen - ref_rejected)
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -140,13 +152,17 @@ def reference_logps(model: Any, pairs: Sequence[Pair], batch_size: int, pad_id: 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[tuple[float, float]] = []
+    # Similar lengths together (least padding), answers returned in the units' order.
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
     with torch.no_grad():
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i : i + batch_size]
-            logps = token_logps(model, collate_fn(chunk, pad_id, device)).tolist()
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            logps = token_logps(model, collate_fn([pairs[i] for i in chunk], pad_id,
+                                                  device)).tolist()
             n = len(chunk)
-            out += list(zip(logps[:n], logps[n:], strict=True))
+            for i, pair in zip(chunk, zip(logps[:n], logps[n:], strict=True), strict=True):
+                out[i] = pair
     model.train(was_training)
     return out
 
@@ -211,9 +227,10 @@ class DpoRecipe(Recipe):
     def loss(self, model: Any, batch: Batch) -> StepLoss:
         logps = token_logps(model, batch)
         n = logps.shape[0] // 2
+        counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
         losses, rc, rr = dpo_losses(logps[:n], logps[n:], batch["ref_chosen"],
                                     batch["ref_rejected"], self.beta, self.loss_type,
-                                    self.smoothing)
+                                    self.smoothing, lengths=(counts[:n], counts[n:]))
         return StepLoss(
             loss=losses.mean(),
             total=float(losses.detach().sum()),
