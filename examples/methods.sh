@@ -21,7 +21,7 @@ $PYTHON examples/make_domain_corpus.py "$WS/handbook.txt" --paragraphs 400
 $EVERTUNE -w "$WS" data add "$WS/handbook.txt"
 $EVERTUNE -w "$WS" tune --method auto \
   --set train.n_epochs=1 --set train.pretrain.block_size=256 --set train.batch_size=4 \
-  --set eval.max_examples=40
+  --set eval.max_examples=40 --set eval.general_max_examples=8
 $EVERTUNE -w "$WS" models show 1
 
 # -- 2. DPO on preference pairs ------------------------------------------------------------------
@@ -30,6 +30,7 @@ $EVERTUNE -w "$WS" data add "$WS/pairs.jsonl"
 $EVERTUNE -w "$WS" tune --method dpo \
   --set train.n_epochs=1 --set train.batch_size=4 --set train.learning_rate=5e-4 \
   --set train.dpo.beta=0.1 --set eval.max_examples=24 --set eval.max_new_tokens=48 \
+  --set eval.general_max_examples=8 \
   --set 'eval.metrics=[loss,rouge,exact_match,json_valid]'
 $EVERTUNE -w "$WS" models show 2
 $EVERTUNE -w "$WS" models list
