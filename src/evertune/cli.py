@@ -376,7 +376,7 @@ def tune(
 ) -> None:
     """Fine-tune the base model (LoRA by default), then evaluate and register the result.
 
-    With train.stages (e.g. [pretrain, supervised, dpo]) each stage is a job that continues
+    With train.stages set (e.g. pretrain, supervised, dpo) each stage is a job that continues
     from the previous one; the last is evaluated and registered."""
     ws = _open(sets)
     _quiet_libraries()
