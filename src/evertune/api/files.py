@@ -17,7 +17,6 @@ person fixes the file before a run is ever started.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
@@ -220,14 +219,10 @@ def file_guard(ws: Workspace, file_id: str) -> Iterator[None]:
     job's creation and `record_use`."""
     if not _ID.fullmatch(file_id):  # the id becomes a path: only the shape we mint
         _folder(ws, file_id)  # raises the 404
-    lock = ws.state_dir / FILES_DIR / f".{file_id}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from evertune.models import file_lock
+
+    with file_lock(ws.state_dir / FILES_DIR / f".{file_id}.lock"):
+        yield
 
 
 def record_use(ws: Workspace, file_id: str, job_id: str) -> None:

@@ -167,11 +167,11 @@ def reference_logps(model: Any, pairs: Sequence[Pair], batch_size: int, pad_id: 
     return out
 
 
-def prepare_reference(setup: Setup, model: Any, units: Units, resumed: bool,
-                      compute: Any) -> None:
+def prepare_reference(setup: Setup, model: Any, units: Units, collate_fn: Any) -> None:
     """Attach reference log-probs to every unit: read from the job folder when a resumed job
-    cached them, else computed by `compute(units_list)` with the starting weights and cached
-    (written atomically) before the first step."""
+    cached them, else computed with the starting weights (the harness calls `prepare` before
+    it loads a checkpoint; a fresh LoRA adapter is disabled, which is the same) and cached,
+    written atomically, before the first step."""
     import os
 
     import torch
@@ -184,12 +184,13 @@ def prepare_reference(setup: Setup, model: Any, units: Units, resumed: bool,
         if len(cached) != len(everything):
             cached = None  # written for other units (another config): compute again
     if cached is None:
-        if resumed:
-            setup.event("The reference log-probs of this job are missing; computing them from "
-                        "the checkpoint's weights, not the starting ones", "warn")
         setup.event(f"Computing the reference model's log-probs of {len(everything)} "
                     f"{units.what} (once; no reference copy of the model in memory)")
-        cached = compute(everything)
+        adapter_off = getattr(model, "disable_adapter", None)
+        fresh = setup.job.parent is None and not setup.cfg.train.full_finetune
+        with adapter_off() if fresh and adapter_off else contextlib.nullcontext():
+            cached = reference_logps(model, everything, setup.cfg.train.batch_size,
+                                     setup.pad_id, collate_fn)
         tmp = path.with_suffix(".tmp")
         torch.save(cached, tmp)
         os.replace(tmp, path)
@@ -211,15 +212,7 @@ class DpoRecipe(Recipe):
         return Units(train=train, val=val, what="preference pairs")
 
     def prepare(self, setup: Setup, model: Any, units: Units, resumed: bool) -> None:
-        size, pad_id = setup.cfg.train.batch_size, setup.pad_id
-
-        def compute(pairs: list[Pair]) -> list[tuple[float, float]]:
-            adapter_off = getattr(model, "disable_adapter", None)
-            fresh = setup.job.parent is None and not setup.cfg.train.full_finetune
-            with adapter_off() if fresh and adapter_off else contextlib.nullcontext():
-                return reference_logps(model, pairs, size, pad_id)
-
-        prepare_reference(setup, model, units, resumed, compute)
+        prepare_reference(setup, model, units, collate_pairs)
 
     def collate(self, units: Sequence[Any], pad_id: int, device: Any = None) -> Batch:
         return collate_pairs(units, pad_id, device)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from evertune.errors import DataError
-from evertune.training.dpo import prepare_reference, reference_logps
+from evertune.training.dpo import prepare_reference
 from evertune.training.harness import (
     Batch,
     Recipe,
@@ -144,21 +144,7 @@ class KtoRecipe(Recipe):
         return Units(train=train, val=val, what="rated answers")
 
     def prepare(self, setup: Setup, model: Any, units: Units, resumed: bool) -> None:
-        import contextlib
-
-        size, pad_id = setup.cfg.train.batch_size, setup.pad_id
-
-        def pairs_of(batch_units: Sequence[Rated], pad: int, device: Any) -> Batch:
-            return collate([u.answer for u in batch_units] + [u.mismatched for u in batch_units],
-                           pad, device)
-
-        def compute(rated: list[Rated]) -> list[tuple[float, float]]:
-            adapter_off = getattr(model, "disable_adapter", None)
-            fresh = setup.job.parent is None and not setup.cfg.train.full_finetune
-            with adapter_off() if fresh and adapter_off else contextlib.nullcontext():
-                return reference_logps(model, rated, size, pad_id, pairs_of)  # type: ignore[arg-type]
-
-        prepare_reference(setup, model, units, resumed, compute)
+        prepare_reference(setup, model, units, collate_rated)
 
     def collate(self, units: Sequence[Any], pad_id: int, device: Any = None) -> Batch:
         return collate_rated(units, pad_id, device)
