@@ -21,7 +21,8 @@ cancel checks in the state DB are inside it). Each contender runs `--repeats` ti
 interleaved, and the median counts. Targets: padded ≥ 1.0× trainer, grouped ≥ 1.3× trainer.
 
 `--suite pretrain`: continued pretraining (evertune.training.pretrain) on `steps × batch`
-text documents of 20–400 tokens, one pass, same block size: `packed` (train.pretrain.packing
+text documents of 20–400 tokens (`--lengths uniform`, or `lognormal`: median 64, a long tail, as
+real corpora are), one pass, same block size: `packed` (train.pretrain.packing
 true: documents concatenated into full blocks, positions restarting per document) against
 `padded` (packing false, one document per row, train.batching=padded: random order, each
 batch padded to its longest document), and for reference `unpacked grouped` (packing false,
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -125,6 +127,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=400, help="longest example, tokens")
     p.add_argument("--block-size", type=int, default=512, help="pretrain: tokens per block")
     p.add_argument(
+        "--lengths",
+        choices=["uniform", "lognormal"],
+        default="uniform",
+        help="pretrain: document lengths uniform over [min, max], or lognormal (median 64 "
+        "tokens, sigma 1, clipped to [min, max]: most documents short, a few long, as in real "
+        "corpora)",
+    )
+    p.add_argument(
         "--contenders",
         default=",".join(DPO_CONTENDERS),
         help="dpo: comma-separated subset of: "
@@ -175,15 +185,22 @@ def make_records(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int =
     return records
 
 
-def make_documents(tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0) -> list[dict]:
-    """`n` text records of min_len–max_len tokens each (uniform), EOS included."""
+def make_documents(
+    tokenizer: Any, n: int, min_len: int, max_len: int, seed: int = 0, dist: str = "uniform"
+) -> list[dict]:
+    """`n` text records of min_len–max_len tokens each, EOS included: lengths uniform, or
+    lognormal (median 64, sigma 1; clipped to the range) like real document lengths."""
     rng = random.Random(seed)
     text = _text_maker(tokenizer, rng)
     docs = []
     for i in range(n):
         prefix = f"{i}. "
         used = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) + 1  # + EOS
-        docs.append({"text": prefix + text(max(1, rng.randint(min_len, max_len) - used))})
+        if dist == "lognormal":
+            length = min(max_len, max(min_len, round(rng.lognormvariate(math.log(64), 1.0))))
+        else:
+            length = rng.randint(min_len, max_len)
+        docs.append({"text": prefix + text(max(1, length - used))})
     return docs
 
 
@@ -568,7 +585,7 @@ def suite_pretrain(args: argparse.Namespace, argv: list[str] | None) -> None:
         base = model_path(args, scratch)
         tokenizer = load_tokenizer(base)
         n = steps * args.batch_size  # one epoch of exactly `steps` padded batches
-        docs = make_documents(tokenizer, n, min_len, args.max_len)
+        docs = make_documents(tokenizer, n, min_len, args.max_len, dist=args.lengths)
         ws = make_workspace(scratch, base, args, steps)
         dataset = add_dataset(ws, scratch, "corpus.jsonl", docs, tokenizer)
         assert dataset.kind == "pretrain", dataset.kind
@@ -604,7 +621,7 @@ def suite_pretrain(args: argparse.Namespace, argv: list[str] | None) -> None:
 
     print(
         f"\nmodel {args.model} ({base.name}), {n} documents of {min(lengths)}–{max(lengths)} "
-        f"tokens (mean {statistics.mean(lengths):.0f}, EOS included), block size "
+        f"tokens ({args.lengths}, median {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.0f}, EOS included), block size "
         f"{args.block_size}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
         f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
     )
@@ -628,6 +645,7 @@ def suite_pretrain(args: argparse.Namespace, argv: list[str] | None) -> None:
         "pretrain",
         {
             "documents": n,
+            "length_distribution": args.lengths,
             "block_size": args.block_size,
             "lengths": length_summary(lengths),
             "machine": machine_info(load_before),

@@ -6,9 +6,11 @@
 Each row is `{"prompt", "chosen", "rejected"}` (the preference format). The prompt is a
 support ticket with the request to answer with the team and a one-line reply. The chosen
 answer is that, as compact JSON (`{"team": "billing", "reply": "…"}`); the rejected answer
-says the same in rambling prose. An instruct model answers in prose, so after DPO its
-held-out preference accuracy (log p(chosen) > log p(rejected)) and the share of its answers
-that parse as JSON (`json_valid`) both rise, which Evertune measures automatically.
+says the same words in one line of prose, about as long, so neither length nor content gives
+the preference away: only the format does. An instruct model prefers prose, so the base's
+held-out preference accuracy (log p(chosen) > log p(rejected)) is low; after DPO it and the
+share of generated answers that parse as JSON (`json_valid`) both rise, which Evertune
+measures automatically.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ REPLIES = {
     "returns": "We have emailed you a prepaid return label.",
     "account": "We have sent a new sign-in link to your email.",
 }
-RAMBLE = [
-    "Thank you so much for reaching out to us today, we really appreciate your patience.",
-    "I completely understand how frustrating this must be and I am sorry to hear about it.",
-    "Let me see what I can do for you here, I have had a look at your message.",
-    "Okay, so, after looking into this a little bit, here is what I found out.",
+# One-line prose carrying the same team and reply as the JSON answer (similar length, so a
+# model cannot score well by preferring the shorter answer).
+PROSE = [
+    "The {team} team handles this. {reply}",
+    "This goes to the {team} team. {reply}",
+    "Our {team} team will help. {reply}",
+    "Team: {team}. {reply}",
 ]
 PRODUCTS = ["blender", "rain jacket", "desk lamp", "headphones", "backpack", "kettle",
             "yoga mat", "keyboard", "phone case", "water bottle"]
@@ -56,9 +60,7 @@ def pair(rng: random.Random) -> dict[str, str]:
                                               amount=rng.choice(AMOUNTS),
                                               days=rng.randint(3, 20))
     chosen = json.dumps({"team": team, "reply": REPLIES[team]})
-    rejected = (f"{rng.choice(RAMBLE)} I think the {team} team is the one who can help with "
-                f"this. {REPLIES[team]} Have a wonderful day and let us know if anything else "
-                "comes up!")
+    rejected = rng.choice(PROSE).format(team=team, reply=REPLIES[team])
     return {"prompt": INSTRUCTION + "Ticket: " + ticket, "chosen": chosen, "rejected": rejected}
 
 

@@ -127,6 +127,11 @@ class TrainArgs(_Args):
     """false = LoRA adapters (small, versionable, hot-swappable); true = train all weights."""
     n_epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(8, ge=1, le=4096)
+    micro_batch_size: int = Field(0, ge=0, le=4096)
+    """Units per forward/backward pass; a batch larger than this accumulates gradients over
+    several passes (same update, less activation memory). 0 = auto: the whole batch, except
+    that DPO (two sequences per pair) runs batch_size/2 pairs per pass, so a pass holds
+    batch_size sequences as in supervised training."""
     learning_rate: float = Field(1e-3, gt=0, le=1)
     """LoRA tolerates a higher rate than full fine-tuning; use ~2e-5 with full_finetune."""
     warmup_steps: int = Field(5, ge=0)

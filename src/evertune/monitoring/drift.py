@@ -740,13 +740,17 @@ class DriftMonitor:
             log.info("drift: %s", reason)
 
     def _start_round(self, prod: ModelVersion, reason: str) -> tuple[str | None, str | None]:
-        """(run id, None), or (None, why no round): the training set a round would use now,
-        unless PROD's version (or a later one) was trained on exactly it."""
+        """(run id, None), or (None, why no round): the round a drop would plan now (its
+        method from train.method / train.stages and the data, feedback folded in), unless
+        PROD's version (or a later one) was trained on exactly the last stage's data."""
         from evertune import pipeline, steps
+        from evertune.errors import DataError
 
-        dataset = steps.training_data(self.ws)  # uploads + the feedback gathered so far
-        if dataset.kind != "sft":
-            return None, f"no round started: the training set {dataset.id} is {dataset.kind}"
+        try:
+            plan = steps.plan_round(self.ws)
+        except DataError as exc:
+            return None, f"no round started: {exc}"
+        dataset = plan[-1].dataset
         if steps.unchanged_reason(self.ws, dataset) is not None:
             return None, (f"no round started: the training set ({dataset.id}) holds no record "
                           f"the newest version was not trained on; add data or feedback")

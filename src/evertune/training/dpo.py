@@ -21,9 +21,10 @@ following TRL's definitions (sigmoid: Rafailov et al. 2023, with `label_smoothin
 cDPO, which TRL 1.x's sigmoid loss no longer applies; ipo: Azar et al. 2023, on mean per-token
 log-probs as in TRL; hinge: SLiC, Zhao et al. 2023; robust: rDPO, Chowdhury et al. 2024).
 
-Memory: `train.batch_size` counts pairs, and each pair is two rows (chosen and rejected), so a
-DPO step holds the activations of twice the rows of an SFT step at the same setting; halve it
-for SFT's peak memory (bench/README.md).
+Memory: `train.batch_size` counts pairs, and each pair is two rows (chosen and rejected). With
+`train.micro_batch_size: 0` (auto) the harness runs a batch in passes of batch_size/2 pairs and
+accumulates their gradients (the same update), so a pass holds batch_size rows, as an SFT step
+does at the same setting (bench/README.md measures the peak memory of both).
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ def prepare_reference(setup: Setup, model: Any, units: Units, collate_fn: Any) -
 
 class DpoRecipe(Recipe):
     method = "dpo"
+    sequences_per_unit = 2  # chosen and rejected
 
     def units(self, setup: Setup) -> Units:
         from evertune.training.sft import skipped_event

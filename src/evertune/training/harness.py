@@ -152,9 +152,13 @@ class StepLoss:
 
 class Recipe:
     """A training method: its units, batches and loss. Subclasses override the three hooks
-    marked below; `prepare` is optional."""
+    marked below; `prepare` is optional.
+
+    `loss` must return `loss == total / count` (a mean over the batch's tokens, pairs…): the
+    harness relies on it to accumulate gradients exactly over micro-batches."""
 
     method = ""
+    sequences_per_unit = 1  # sequences a unit puts through the model with gradients (DPO: 2)
 
     def units(self, setup: Setup) -> Units:  # override
         raise NotImplementedError
@@ -236,6 +240,50 @@ def lr_at(
     if schedule == "cosine":
         return peak * 0.5 * (1 + math.cos(math.pi * progress))
     return peak * (1 - progress)
+
+
+def micro_batch_units(recipe: Recipe, batch_size: int, micro_batch_size: int) -> int:
+    """Units per forward/backward pass: `train.micro_batch_size`, or with 0 (auto) the batch
+    size in sequences, so a DPO pass holds as many sequences as a supervised one."""
+    if micro_batch_size:
+        return min(micro_batch_size, batch_size)
+    return max(1, batch_size // recipe.sequences_per_unit)
+
+
+def forward_backward(
+    model: Any, recipe: Recipe, units: Sequence[Any], micro: int, pad_id: int, device: Any,
+    trainable: Sequence[Any],
+) -> StepLoss:
+    """Forward and backward of one batch, `micro` units per pass; returns the batch's StepLoss.
+
+    The gradient equals one pass over the whole batch: each pass back-propagates its loss
+    *sum* (`loss × count`) and the summed gradients are divided by the batch's count at the
+    end (a per-pass mean would weight a short pass like a long one)."""
+    if micro >= len(units):
+        out = recipe.loss(model, recipe.collate(units, pad_id, device))
+        out.loss.backward()
+        return out
+    outs = []
+    for i in range(0, len(units), micro):
+        out = recipe.loss(model, recipe.collate(units[i : i + micro], pad_id, device))
+        (out.loss * out.count).backward()
+        outs.append(out)
+    count = sum(o.count for o in outs)
+    for p in trainable:
+        if p.grad is not None:
+            p.grad.div_(max(count, 1))
+    metrics: dict[str, float] = {}
+    for o in outs:
+        for key, value in o.metrics.items():
+            metrics[key] = metrics.get(key, 0.0) + value
+    return StepLoss(
+        loss=sum(o.loss.detach() * o.count for o in outs) / max(count, 1),  # type: ignore[arg-type]
+        total=sum(o.total for o in outs),
+        count=count,
+        tokens=sum(o.tokens for o in outs),
+        positions=sum(o.positions for o in outs),
+        metrics=metrics,
+    )
 
 
 def _split_head(model: Any) -> tuple[Any, Any] | None:
@@ -516,6 +564,7 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
     units.val = units.val[:VAL_MAX_UNITS]
     lengths = units.lengths
     steps_per_epoch = math.ceil(len(units.train) / t.batch_size)
+    micro = micro_batch_units(recipe, t.batch_size, t.micro_batch_size)
     total_steps = steps_per_epoch * t.n_epochs
 
     # -- the model: LoRA adapters, the parent's adapter, or full weights ----------------------
@@ -562,7 +611,9 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
         job.id,
         f"Training {kind} {job.method} ({n_trainable:,} trainable parameters) on "
         f"{len(units.train)} {units.what}: {t.n_epochs} epochs × {steps_per_epoch} steps, "
-        f"batch {t.batch_size}, {t.batching}",
+        f"batch {t.batch_size}"
+        + (f" in passes of {micro}" if micro < t.batch_size else "")
+        + f", {t.batching}",
         data={"trainable_parameters": n_trainable, "total_steps": total_steps, "kind": kind,
               "method": job.method},
     )
@@ -642,9 +693,8 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                batch = recipe.collate([units.train[i] for i in batches[b]], pad_id, device)
-                out = recipe.loss(model, batch)
-                out.loss.backward()
+                picked = [units.train[i] for i in batches[b]]
+                out = forward_backward(model, recipe, picked, micro, pad_id, device, trainable)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
