@@ -621,7 +621,8 @@ def suite_pretrain(args: argparse.Namespace, argv: list[str] | None) -> None:
 
     print(
         f"\nmodel {args.model} ({base.name}), {n} documents of {min(lengths)}–{max(lengths)} "
-        f"tokens ({args.lengths}, median {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.0f}, EOS included), block size "
+        f"tokens ({args.lengths}, median {statistics.median(lengths):.0f}, mean "
+        f"{statistics.mean(lengths):.0f}, EOS included), block size "
         f"{args.block_size}, batch {args.batch_size}, torch threads {torch.get_num_threads()}, "
         f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
     )
