@@ -4,6 +4,7 @@
     python bench/train_throughput.py --model default --steps 8  # SmolLM2-135M (~10 min on 2 CPUs)
     python bench/train_throughput.py --suite pretrain         # packing vs padding, same documents
     python bench/train_throughput.py --suite dpo              # DPO vs TRL's DPOTrainer, peak RSS
+    python bench/train_throughput.py --suite ray              # local vs Ray Train, 1 and 2 workers
 
 `--suite sft` (the default): one process, one model, one data set of examples whose lengths
 spread from 16 to 400 tokens, the same LoRA settings (r 16, alpha 32, dropout 0.05, all linear
@@ -54,12 +55,27 @@ installed (`pip install -e '.[bench]'`), a plain PyTorch DPO loop with a per-ste
 forward under peft's `disable_adapter` (what TRL does with a PEFT model) stands in, labelled
 `plain loop (no TRL)`.
 
+`--suite ray` (needs `pip install -e '.[ray]'`): the same SFT job, as real jobs through
+`start_job`, on three backends: `local` (the child process, `--ray-cpus` torch threads), `ray 1
+worker` (one Ray Train worker with all `--ray-cpus` CPUs and as many threads) and `ray 2 workers`
+(two workers, half the CPUs each, every batch split between them and gradients all-reduced
+over gloo). Each contender has the same cores in total; the question is what the Ray path costs
+(or gains) at equal hardware, measured in the same run. The cluster is a `ray start --head`
+of `--ray-cpus` CPUs on loopback started for the run (or `--ray-address`). Throughput is the
+steady state read from the job's own metric rows: non-pad tokens between the first and the
+last row over the seconds between them (the first step, with its one-off costs, is outside);
+`startup` is job start → first metric row (process, Ray, workers, model load), `wall` is
+job start → succeeded. On one machine the all-reduce is cheap but two workers each run
+single-threaded small matmuls: a gain is not expected on 2 cores, the figure says what the
+machinery costs. `all` runs the three suites above, not this one.
+
 Each suite writes a JSON record to bench/results/ (gitignored) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -67,6 +83,7 @@ import platform
 import random
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,11 +118,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--suite",
-        choices=["sft", "pretrain", "dpo", "all"],
+        choices=["sft", "pretrain", "dpo", "ray", "all"],
         default="sft",
         help="sft: SFT loop vs transformers.Trainer; pretrain: packing vs padding; "
-        "dpo: DPO vs TRL's DPOTrainer, with peak RSS per contender; all: the three",
+        "dpo: DPO vs TRL's DPOTrainer, with peak RSS per contender; ray: the local backend vs "
+        "Ray Train with 1 and 2 workers; all: sft, pretrain and dpo",
     )
+    p.add_argument("--ray-cpus", type=int, default=2,
+                   help="ray: CPUs of the benchmark's Ray cluster, and each contender's total")
+    p.add_argument("--ray-address", default="",
+                   help="ray: an existing cluster (HOST:PORT) instead of a fresh local head")
     p.add_argument(
         "--model",
         choices=["tiny", "default"],
@@ -1135,7 +1157,144 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-SUITES = {"sft": suite_sft, "pretrain": suite_pretrain, "dpo": suite_dpo}
+# -- suite ray: the local backend vs Ray Train with 1 and 2 workers ----------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def ray_head(cpus: int) -> Any:
+    """A `ray start --head --block` on loopback for the run (its own temp dir and ports), ended
+    through its process group: only the processes it started, never `ray stop`'s every Ray."""
+    import signal
+
+    temp = Path(tempfile.mkdtemp(prefix="rb-", dir="/tmp"))  # short: Ray's socket paths
+    port = _free_port()
+    log_path = temp / "ray-start.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+             "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
+             "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
+             "--object-store-memory=100000000", f"--temp-dir={temp}",
+             f"--ray-client-server-port={_free_port()}",
+             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ray runtime started" not in log_path.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Anything of this cluster that left the group: its command line names the temp dir.
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if str(temp).encode() in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def run_job(ws: Any, dataset: Any, overrides: list[str]) -> dict[str, Any]:
+    """One real job (start_job → wait_job) with `overrides`; throughput from its metric rows."""
+    from evertune.training.jobs import create_job, list_metrics, start_job, wait_job
+    from evertune.workspace import Workspace
+
+    w = Workspace.open(ws.root, overrides)
+    t0 = time.time()
+    job = start_job(w, create_job(w, dataset).id)
+    job = wait_job(w, job.id, poll=0.2, timeout=3600)
+    assert job.status == "succeeded", job.error
+    rows = sorted((r for r in list_metrics(w, job.id) if "train_loss" in r),
+                  key=lambda r: r["step"])
+    first, last = rows[0], rows[-1]
+    return {
+        "steps": last["step"] - first["step"],  # timed steps: all but the first
+        "tokens": last["trained_tokens"] - first["trained_tokens"],
+        "seconds": last["created_at"] - first["created_at"],
+        "padding_fraction": statistics.mean(r["padding_fraction"] for r in rows),
+        "startup_seconds": first["created_at"] - t0,
+        "wall_seconds": float(job.finished_at or time.time()) - t0,
+        "final_loss": last["train_loss"],
+    }
+
+
+def suite_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
+    steps = args.steps or (30 if args.model == "tiny" else 8)
+    min_len = args.min_len or MIN_LEN["sft"]
+    cpus = args.ray_cpus
+    from evertune.models import load_tokenizer
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="evertune-bench-") as tmp:
+        scratch = Path(tmp)
+        base = model_path(args, scratch)
+        tokenizer = load_tokenizer(base)
+        records = make_records(tokenizer, steps * args.batch_size, min_len, args.max_len)
+        ws = make_workspace(scratch, base, args, steps)
+        dataset = add_dataset(ws, scratch, "train.jsonl", records, tokenizer)
+        with (contextlib.nullcontext(args.ray_address) if args.ray_address
+              else ray_head(cpus)) as address:
+            on_ray = ["train.backend=ray", f"train.ray.address={address}", "train.threads=0"]
+            contenders = {
+                "local": lambda: run_job(ws, dataset, [f"train.threads={cpus}"]),
+                "ray 1 worker": lambda: run_job(ws, dataset, [
+                    *on_ray, "train.ray.num_workers=1", f"train.ray.cpus_per_worker={cpus}"]),
+                "ray 2 workers": lambda: run_job(ws, dataset, [
+                    *on_ray, "train.ray.num_workers=2", f"train.ray.cpus_per_worker={cpus / 2}"]),
+            }
+            runs = run_interleaved(contenders, args.repeats)
+
+    summary = {}
+    base_tps = _median(runs["local"], "tokens_per_s")
+    for name, outs in runs.items():
+        tps = _median(outs, "tokens_per_s")
+        summary[name] = {
+            "tokens_per_s": tps,
+            "vs_local": tps / base_tps,
+            "startup_seconds": _median(outs, "startup_seconds"),
+            "wall_seconds": _median(outs, "wall_seconds"),
+            "final_loss": outs[0]["final_loss"],
+            "steps": outs[0]["steps"] + 1,
+        }
+    print(
+        f"\nmodel {args.model} ({base.name}), {steps} steps × batch {args.batch_size}, "
+        f"{cpus} CPUs per contender (local: {cpus} threads; ray: {cpus} CPUs over the workers), "
+        f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'contender':15} {'tokens/s':>9} {'vs local':>9} {'startup':>8} {'wall':>7} "
+          f"{'loss':>7}")
+    for name, s in summary.items():
+        print(f"{name:15} {s['tokens_per_s']:9.0f} {s['vs_local']:8.2f}× "
+              f"{s['startup_seconds']:7.1f}s {s['wall_seconds']:6.1f}s {s['final_loss']:7.4f}")
+    write_record(args, argv, "ray", {
+        "steps": steps, "cpus": cpus, "machine": machine_info(load_before), "summary": summary,
+        "runs": runs,
+    })
+
+
+SUITES = {"sft": suite_sft, "pretrain": suite_pretrain, "dpo": suite_dpo, "ray": suite_ray}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1150,7 +1309,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for suite in list(SUITES) if args.suite == "all" else [args.suite]:
+    for suite in ["sft", "pretrain", "dpo"] if args.suite == "all" else [args.suite]:
         if args.suite == "all":
             print(f"\n== suite {suite} ==", flush=True)
         SUITES[suite](args, argv)

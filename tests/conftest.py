@@ -55,3 +55,24 @@ def make_workspace(root: Path, tiny_model: Path, **sections: dict) -> Workspace:
 @pytest.fixture
 def workspace(tmp_path: Path, tiny_model: Path) -> Workspace:
     return make_workspace(tmp_path / "ws", tiny_model)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session (tests/postgres.py)."""
+    from tests.postgres import INSTALL_HINT, PostgresServer, pg_bin
+
+    if pg_bin() is None:
+        pytest.fail(f"the Postgres tests need Debian's postgresql; {INSTALL_HINT}")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres, request) -> str:
+    """A fresh database on the session's Postgres server; its SQLAlchemy URL."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + "_" + secrets.token_hex(3)
+    return postgres.create_database(name)

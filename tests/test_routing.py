@@ -19,7 +19,7 @@ import pytest
 
 from evertune import pipeline, steps
 from evertune.bucket import Bucket
-from evertune.errors import DataError
+from evertune.errors import ConfigError, DataError
 from evertune.monitoring.feedback import build_record, write_feedback
 from evertune.registry import Registry
 from evertune.training import jobs
@@ -127,6 +127,14 @@ def test_a_method_or_stage_without_its_data_fails_naming_the_data_to_add(
     with pytest.raises(DataError, match=r"train.method=kto trains on kto data, rated answers.*"
                                         r"POST /v1/feedback"):
         steps.plan_round(kto, drop=sft)
+
+    # A gate rule on a metric eval.metrics turns off ends the round in its evaluation: refused
+    # while planning, before minutes of training, naming the rule.
+    no_embedding = Workspace.open(ws.root, ["eval.metrics=[loss,rouge,exact_match]"])
+    with pytest.raises(ConfigError, match=r"gate.rules\[\d\].metric 'embedding_cosine' is not "
+                                          r"computed"):
+        steps.plan_round(no_embedding, drop=sft)
+    assert jobs.list_jobs(ws) == []
 
 
 SERVED_CHAT = {"endpoint": "chat", "prompt": [{"role": "user", "content": "Where is my parcel?"}],

@@ -1,4 +1,5 @@
-"""The state DB schema: jobs and their events, metrics and checkpoints; API tokens; locks.
+"""The state DB schema, every table of Evertune in one place: jobs and their events, metrics and
+checkpoints; API tokens; locks; the request log and served responses; drift checks; the audit log.
 
     from evertune.workspace import Workspace
     engine = Workspace.open().engine       # SQLite file by default, any SQLAlchemy URL at scale
@@ -116,6 +117,90 @@ locks = Table(
 )
 
 
+# -- serving and monitoring (evertune.monitoring) ------------------------------------------
+
+request_log = Table(
+    "request_log",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the response id: chatcmpl-… / cmpl-…
+    Column("created_at", Float, nullable=False),  # unix seconds, request arrival
+    Column("model", String(160), nullable=False),  # the name the client asked for
+    Column("version", String(32), nullable=False),  # who answered: v3 | base
+    Column("stage", String(16), nullable=False),  # prod | qa | base | version
+    Column("endpoint", String(32), nullable=False),  # chat | completions
+    Column("status", String(16), nullable=False),  # ok | error
+    Column("prompt", JSON),  # chat: the messages; completions: the prompt (list if several)
+    Column("completion", JSON),  # the text (a list when a request had several prompts)
+    Column("finish_reason", String(16)),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("ttft_s", Float),
+    Column("duration_s", Float),
+    Column("params", JSON),  # temperature, top_p, max_tokens, stop, seed, stream
+    Column("error", Text),
+    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
+    Index("ix_request_log_created_at", "created_at"),
+)
+"""Served requests (a sample), redacted."""
+
+served_responses = Table(
+    "served_responses",
+    metadata,
+    Column("id", String(64), primary_key=True),  # the response id: chatcmpl-… / cmpl-…
+    Column("created_at", Float, nullable=False),  # unix seconds, when the answer was complete
+    Column("endpoint", String(32), nullable=False),  # chat | completions
+    Column("model", String(160), nullable=False),  # the name the client asked for
+    Column("version", String(32), nullable=False),  # who answered: v3 | base
+    Column("prompt", JSON),  # redacted like the request log; null with serve.log_prompts: false
+    Column("completion", JSON),
+    Column("digest", String(64), nullable=False),  # response_digest(prompt, completion)
+    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
+    Index("ix_served_responses_created_at", "created_at"),
+)
+"""Every answered response (the newest `serve.responses_kept`): what feedback may train on."""
+
+drift_checks = Table(
+    "drift_checks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False),  # unix seconds
+    Column("model", String(128), nullable=False),
+    Column("version", String(32)),  # the PROD version compared ("v3"); None: none in PROD
+    Column("dataset", String(64)),  # its training dataset version
+    Column("prompts", Integer, nullable=False, default=0),  # served prompts compared
+    Column("reference", Integer, nullable=False, default=0),  # training prompts compared
+    Column("statistic", Float),  # MMD²; None when there was no figure
+    Column("p_value", Float),
+    Column("threshold", Float, nullable=False),
+    Column("drifted", Boolean),  # the state after this check; None: no figure
+    Column("event", String(32)),  # drift | drift_cleared when this check flipped the state
+    Column("round", String(128)),  # the pipeline run it started, if any
+    Column("note", Text),  # why there is no figure, why no round, or the error
+    Column("signals", JSON),  # [OutputSignals as dicts]
+    Index("ix_drift_checks_model_created_at", "model", "created_at"),
+)
+"""One row per drift check."""
+
+# -- the registry's audit log (evertune.registry) -------------------------------------------
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False),  # unix seconds
+    Column("model", String(128), nullable=False),  # registered model name
+    Column("version", Integer, nullable=False),
+    Column("action", String(32), nullable=False),  # register | transition | alias
+    Column("from_stage", String(16)),  # None for a registration
+    Column("to_stage", String(16)),
+    Column("actor", String(128), nullable=False),  # user or component ("pipeline", "deploy")
+    Column("reason", Text, nullable=False, default=""),
+    Column("data", JSON),  # forced, role, alias moved, version replaced, …
+    Index("ix_audit_model_version", "model", "version"),
+)
+"""Who moved which version where, and why."""
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
     if not url.startswith("sqlite"):
@@ -144,8 +229,9 @@ def create_private(path: Path, what: str = "the database") -> None:
     os.close(fd)
 
 
-def connect(url: str) -> Engine:
-    """Open (and create if needed) the state DB at a SQLAlchemy URL."""
+def connect(url: str, *, migrate: bool = True) -> Engine:
+    """Open the state DB at a SQLAlchemy URL, creating it if needed and migrating its tables to
+    the newest schema (evertune.migrations)."""
     path = sqlite_path(url)
     if path is not None:
         create_private(path, "the state DB")
@@ -161,15 +247,31 @@ def connect(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+    if not migrate:
+        return engine
+    from evertune import migrations
+
     try:
-        metadata.create_all(engine)
+        migrations.upgrade(engine)  # the tables, at the newest revision (Alembic)
     except OperationalError as exc:
-        where = path or make_url(url).render_as_string(hide_password=True)
-        storage = as_storage_error(exc, f"the state DB {where}")
+        if path is None:
+            raise server_error(url, exc) from exc
+        storage = as_storage_error(exc, f"the state DB {path}")
         if storage is None:
             raise
         raise storage from exc
     return engine
+
+
+def server_error(url: str, exc: BaseException, setting: str = "storage.state_db") -> StorageError:
+    """A StorageError for a database server that cannot be reached or refuses us."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    detail = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+    return StorageError(
+        f"cannot connect to the state DB {shown} ({setting}): {detail}; check the URL (user, "
+        "password, host, port, database name) and that the server is running and reachable "
+        "from this host"
+    )
 
 
 def storage_error(what: str, exc: BaseException) -> StorageError:

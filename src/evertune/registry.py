@@ -49,9 +49,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from sqlalchemy import JSON, Column, Float, Index, Integer, String, Table, Text, insert, select
+from sqlalchemy import insert, select
 
 from evertune import db
+from evertune.db import audit
 from evertune.errors import (
     EvertuneError,
     LifecycleError,
@@ -86,22 +87,6 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 _BATCH = 1000  # MLflow's limit on entities per log_batch call (params/tags: 100)
 _HISTORY_META = {"step", "created_at", "timestamp", "id", "job_id", "values"}
 
-audit = Table(
-    "audit",
-    db.metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("created_at", Float, nullable=False),  # unix seconds
-    Column("model", String(128), nullable=False),  # registered model name
-    Column("version", Integer, nullable=False),
-    Column("action", String(32), nullable=False),  # register | transition | alias
-    Column("from_stage", String(16)),  # None for a registration
-    Column("to_stage", String(16)),
-    Column("actor", String(128), nullable=False),  # user or component ("pipeline", "deploy")
-    Column("reason", Text, nullable=False, default=""),
-    Column("data", JSON),  # forced, role, alias moved, version replaced, …
-    Index("ix_audit_model_version", "model", "version"),
-)
-"""Who moved which version where, and why; defined here against `evertune.db.metadata`."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +177,6 @@ class Registry:
     def __init__(self, ws: Workspace) -> None:
         self.ws = ws
         self.name = ws.config.model.name
-        self._audit_ready = False
 
     # -- MLflow plumbing ---------------------------------------------------------------
     @cached_property
@@ -388,7 +372,6 @@ class Registry:
         self, version: int | str | None = None, limit: int | None = 100
     ) -> list[AuditRecord]:
         """Registrations and transitions of this model (or of one version), newest first."""
-        self._ensure_audit_table()
         query = select(audit).where(audit.c.model == self.name).order_by(audit.c.id.desc())
         if version is not None:
             query = query.where(audit.c.version == _version_number(version))
@@ -743,13 +726,6 @@ class Registry:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id, run.info.artifact_uri
 
-    def _ensure_audit_table(self) -> None:
-        # db.connect creates every table of db.metadata, but only those defined when it ran:
-        # if the engine was opened before this module was imported, create ours now.
-        if not self._audit_ready:
-            audit.create(self.ws.engine, checkfirst=True)
-            self._audit_ready = True
-
     def record_event(
         self, mv: ModelVersion, action: str, actor: str, reason: str,
         data: dict[str, Any] | None = None,
@@ -768,7 +744,6 @@ class Registry:
         reason: str,
         data: dict[str, Any] | None = None,
     ) -> None:
-        self._ensure_audit_table()
         with self.ws.engine.begin() as conn:
             conn.execute(
                 insert(audit).values(

@@ -149,8 +149,10 @@ def plan_round(
     any job exists, naming every stage whose kind has no data and what to add.
     """
     from evertune.data.store import get_dataset, list_datasets
+    from evertune.evaluation import check_eval_config
     from evertune.training.recipes import RECIPES, resolve_method
 
+    check_eval_config(ws.config)  # the round ends in an evaluation: its config must be sound
     say = log or (lambda _: None)
     methods, source = round_methods(ws, method)
     fixed = get_dataset(ws, dataset_ref) if dataset_ref else None

@@ -175,3 +175,31 @@ def test_a_teams_own_general_set_and_its_errors(able_model: Path, tmp_path: Path
     assert len(examples) == 7
     chat = [e for e in examples if "messages" in e]
     assert chat and chat[0]["messages"][-1]["role"] == "assistant"
+
+
+def test_replay_keeps_the_base_behaviour_through_continued_pretraining(
+    able_model: Path, tmp_path: Path
+) -> None:
+    """A domain corpus pulls the model away from what it could do; with data.replay the
+    base's own conversations are packed in as documents and it forgets less."""
+    from evertune.facts import read_facts
+    from evertune.training.jobs import list_events
+
+    corpus = tmp_path / "ledger.txt"
+    corpus.write_text("\n\n".join(
+        f"ledger {i}: account {TEAMS[i % 5]} settled {ISSUES[i % 6]} on day {i % 7}"
+        for i in range(60)) + "\n", "utf-8")
+    train = {"n_epochs": 2, "batch_size": 4, "learning_rate": 0.01}
+    losses = {}
+    for replay in (0.0, 0.3):
+        ws = _workspace(tmp_path / f"cpt-{replay}", able_model, train, data={"replay": replay})
+        dataset = steps.preprocess(ws, [corpus]).versions[0]
+        assert dataset.kind == "pretrain"
+        job = steps.finetune(ws, dataset)
+        assert job.method == "pretrain" and job.status == "succeeded", job.error
+        report = steps.evaluate(ws, job)
+        losses[replay] = report.splits["general"].means["candidate"]["loss"]
+        assert read_facts(Path(job.result["path"])).replay == replay
+        events = [e.message for e in list_events(ws, job.id)]
+        assert any(m.startswith("Replay:") for m in events) == bool(replay)
+    assert losses[0.3] < losses[0.0] - 0.5, losses

@@ -5,16 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Column, MetaData, Table, inspect
-
 from evertune.monitoring.request_log import (
-    _READY,
     RequestLog,
     get_served,
     list_requests,
-    request_log,
     response_digest,
-    served_responses,
 )
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
@@ -107,35 +102,4 @@ def test_each_response_names_who_received_it(tmp_path: Path, tiny_model: Path) -
     assert row.receiver == "alice-app" and row.to_dict()["receiver"] == "alice-app"
     served = get_served(ws, "chatcmpl-0001")
     assert served is not None and served.receiver == "alice-app"
-    log.close()
-
-
-def test_a_state_db_from_before_receivers_gets_the_column(tmp_path: Path, tiny_model: Path) -> None:
-    """An existing state.db keeps its rows; the nullable `receiver` column is added to both
-    tables (older rows: None, which feedback treats as 'receiver unknown': unverified)."""
-    ws = make_workspace(tmp_path / "ws", tiny_model)
-    old = MetaData()
-    for table in (request_log, served_responses):
-        table.drop(ws.engine)
-        cols = [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
-                for c in table.columns if c.name != "receiver"]  # fmt: skip
-        Table(table.name, old, *cols).create(ws.engine)
-    row = {"id": "chatcmpl-old", "created_at": 1.0, "endpoint": "chat", "model": "assistant",
-           "version": "v1", "prompt": None, "completion": None, "digest": "0" * 64}  # fmt: skip
-    with ws.engine.begin() as conn:
-        conn.execute(old.tables["served_responses"].insert(), [row])
-    _READY.discard(str(ws.engine.url))  # as in a new process
-
-    served = get_served(ws, "chatcmpl-old")
-    assert served is not None and served.receiver is None and served.version == "v1"
-    for name in ("request_log", "served_responses"):
-        assert "receiver" in {c["name"] for c in inspect(ws.engine).get_columns(name)}
-    assert list_requests(ws) == []
-    log = RequestLog(ws)
-    log.served(entry(2, receiver="bob-app"))
-    log.record(entry(2, receiver="bob-app"))
-    log.flush()
-    assert [r.receiver for r in list_requests(ws)] == ["bob-app"]
-    again = get_served(ws, "chatcmpl-0002")
-    assert again is not None and again.receiver == "bob-app"
     log.close()

@@ -9,7 +9,12 @@
 over score arrays), `report` the JSON report model and its Rich table, `evaluate` the run.
 """
 
-from evertune.evaluation.evaluate import Progress, evaluate_candidate, select_examples
+from evertune.evaluation.evaluate import (
+    Progress,
+    check_eval_config,
+    evaluate_candidate,
+    select_examples,
+)
 from evertune.evaluation.gate import (
     CheckResult,
     GateResult,
@@ -52,6 +57,7 @@ __all__ = [
     "SplitReport",
     "check_rule_metrics",
     "embedding_cosine",
+    "check_eval_config",
     "evaluate_candidate",
     "example_losses",
     "exact_match",

@@ -789,6 +789,27 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def check_eval_config(cfg: Config) -> tuple[list[str], list[str]]:
+    """(metrics eval.metrics computes, metrics an evaluation may compute); ConfigError if a gate
+    rule names a metric the evaluation would not compute, or the judge's API-key variable is
+    missing. Run before a round trains (steps.plan_round) and
+    again before evaluating, so a typo in evertune.yaml costs seconds, not a training run."""
+    computed = M.metric_names(cfg.eval.metrics)
+    if cfg.eval.judge is not None:
+        from evertune.evaluation.judge import check_judge
+
+        check_judge(cfg.eval.judge)
+        computed += list(JUDGE_METRICS)
+    # Preference and rated metrics are computed wherever such examples are, whatever
+    # eval.metrics says (gate.preference_rules rests on them).
+    possible = computed + list(M.PREFERENCE_METRICS) + list(M.RATED_METRICS)
+    check_rule_metrics(cfg.gate.rules, possible)
+    check_rule_metrics(cfg.gate.preference_rules, possible, key="gate.preference_rules")
+    if cfg.eval.general:
+        check_rule_metrics(cfg.gate.general_rules, computed, key="gate.general_rules")
+    return computed, possible
+
+
 def evaluate_candidate(
     ws: Workspace,
     candidate: ModelRef,
@@ -819,20 +840,7 @@ def evaluate_candidate(
 
     started = time.time()
     cfg = ws.config
-    # Fail on a bad rule before minutes of generation, not after.
-    computed = M.metric_names(cfg.eval.metrics)
-    if cfg.eval.judge is not None:
-        from evertune.evaluation.judge import check_judge
-
-        check_judge(cfg.eval.judge)  # a missing API key variable, before minutes of generation
-        computed += list(JUDGE_METRICS)
-    # Preference and rated metrics are computed wherever such examples are, whatever
-    # eval.metrics says (gate.preference_rules rests on them).
-    possible = computed + list(M.PREFERENCE_METRICS) + list(M.RATED_METRICS)
-    check_rule_metrics(cfg.gate.rules, possible)
-    check_rule_metrics(cfg.gate.preference_rules, possible, key="gate.preference_rules")
-    if cfg.eval.general:
-        check_rule_metrics(cfg.gate.general_rules, computed, key="gate.general_rules")
+    computed, possible = check_eval_config(cfg)  # a bad rule fails before generation
     for ref in (candidate, reference):
         if ref is not None and ref.adapter is not None and not ref.adapter.exists():
             raise NotFoundError(f"adapter folder {ref.adapter} of model {ref.label!r} does not "

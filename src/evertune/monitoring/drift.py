@@ -73,25 +73,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    JSON,
-    Boolean,
-    Column,
-    Float,
-    Index,
-    Integer,
-    String,
-    Table,
-    Text,
     delete,
     func,
     insert,
     select,
 )
 
-from evertune import db
+from evertune.db import drift_checks, request_log
 from evertune.monitoring.metrics import METRICS, ServingMetrics
 from evertune.monitoring.redact import DEFAULT_REDACTORS, Redactor
-from evertune.monitoring.request_log import _ensure_table, redact_value, request_log
+from evertune.monitoring.request_log import redact_value
 
 if TYPE_CHECKING:
     import numpy as np
@@ -125,44 +116,6 @@ REFUSAL_PHRASES = (
     "as an ai",
 )
 REFUSAL_SPAN = 200
-
-drift_checks = Table(
-    "drift_checks",
-    db.metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("created_at", Float, nullable=False),  # unix seconds
-    Column("model", String(128), nullable=False),
-    Column("version", String(32)),  # the PROD version compared ("v3"); None: none in PROD
-    Column("dataset", String(64)),  # its training dataset version
-    Column("prompts", Integer, nullable=False, default=0),  # served prompts compared
-    Column("reference", Integer, nullable=False, default=0),  # training prompts compared
-    Column("statistic", Float),  # MMD²; None when there was no figure
-    Column("p_value", Float),
-    Column("threshold", Float, nullable=False),
-    Column("drifted", Boolean),  # the state after this check; None: no figure
-    Column("event", String(32)),  # drift | drift_cleared when this check flipped the state
-    Column("round", String(128)),  # the pipeline run it started, if any
-    Column("note", Text),  # why there is no figure, why no round, or the error
-    Column("signals", JSON),  # [OutputSignals as dicts]
-    Index("ix_drift_checks_model_created_at", "model", "created_at"),
-)
-"""One row per drift check; defined here against `evertune.db.metadata`."""
-
-_READY: set[str] = set()
-_READY_LOCK = threading.Lock()
-
-
-def _ensure_tables(ws: Workspace) -> None:
-    # db.connect creates the tables known when it ran; this module may be imported later.
-    from evertune.registry import audit
-
-    _ensure_table(ws.engine)  # the request log
-    url = str(ws.engine.url)
-    with _READY_LOCK:
-        if url not in _READY:
-            drift_checks.create(ws.engine, checkfirst=True)
-            audit.create(ws.engine, checkfirst=True)
-            _READY.add(url)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -333,7 +286,6 @@ def output_signals(
     MAX_VERSIONS busiest versions among the newest window × MAX_VERSIONS rows).
 
     `feedback`: {response id: rated down} to match against (default: read from the bucket)."""
-    _ensure_table(ws.engine)
     t = request_log
     query = (
         select(t.c.id, t.c.version, t.c.created_at, t.c.completion, t.c.completion_tokens)
@@ -443,7 +395,6 @@ def _rated_down(data: bytes) -> bool:
 
 def record_check(ws: Workspace, report: DriftReport) -> None:
     """Write `report` as a `drift_checks` row (what the console charts)."""
-    _ensure_tables(ws)
     with ws.engine.begin() as conn:
         conn.execute(insert(drift_checks).values(
             created_at=report.created_at, model=report.model, version=report.version,
@@ -459,7 +410,6 @@ def list_checks(
 ) -> list[DriftReport]:
     """Drift checks of `model` (default: the workspace's) since unix time `since`, oldest
     first; at most the newest `limit`."""
-    _ensure_tables(ws)
     t = drift_checks
     query = (
         select(t)
@@ -601,7 +551,6 @@ class DriftMonitor:
             report = DriftReport(created_at=time.time(), model=self.model,
                                  threshold=self.cfg.threshold)
             try:
-                _ensure_tables(self.ws)
                 prod = self.registry.alias_version("prod")
                 rows = self._window(prod)
                 # What a check depends on: PROD, its window, and (output signals of every

@@ -36,23 +36,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
-    JSON,
-    Column,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    String,
     Table,
-    Text,
     delete,
-    inspect,
     select,
-    text,
 )
-from sqlalchemy.exc import OperationalError
 
-from evertune import db
+from evertune.db import request_log, served_responses
 from evertune.monitoring.redact import DEFAULT_REDACTORS, Redactor, redact
 
 if TYPE_CHECKING:
@@ -60,83 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-request_log = Table(
-    "request_log",
-    db.metadata,
-    Column("id", String(64), primary_key=True),  # the response id: chatcmpl-… / cmpl-…
-    Column("created_at", Float, nullable=False),  # unix seconds, request arrival
-    Column("model", String(160), nullable=False),  # the name the client asked for
-    Column("version", String(32), nullable=False),  # who answered: v3 | base
-    Column("stage", String(16), nullable=False),  # prod | qa | base | version
-    Column("endpoint", String(32), nullable=False),  # chat | completions
-    Column("status", String(16), nullable=False),  # ok | error
-    Column("prompt", JSON),  # chat: the messages; completions: the prompt (list if several)
-    Column("completion", JSON),  # the text (a list when a request had several prompts)
-    Column("finish_reason", String(16)),
-    Column("prompt_tokens", Integer, nullable=False, default=0),
-    Column("completion_tokens", Integer, nullable=False, default=0),
-    Column("ttft_s", Float),
-    Column("duration_s", Float),
-    Column("params", JSON),  # temperature, top_p, max_tokens, stop, seed, stream
-    Column("error", Text),
-    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
-    Index("ix_request_log_created_at", "created_at"),
-)
-"""Served requests (a sample), redacted; defined here against `evertune.db.metadata`."""
-
-served_responses = Table(
-    "served_responses",
-    db.metadata,
-    Column("id", String(64), primary_key=True),  # the response id: chatcmpl-… / cmpl-…
-    Column("created_at", Float, nullable=False),  # unix seconds, when the answer was complete
-    Column("endpoint", String(32), nullable=False),  # chat | completions
-    Column("model", String(160), nullable=False),  # the name the client asked for
-    Column("version", String(32), nullable=False),  # who answered: v3 | base
-    Column("prompt", JSON),  # redacted like the request log; null with serve.log_prompts: false
-    Column("completion", JSON),
-    Column("digest", String(64), nullable=False),  # response_digest(prompt, completion)
-    Column("receiver", String(128)),  # serving key name | "anonymous"; null on older rows
-    Index("ix_served_responses_created_at", "created_at"),
-)
-"""Every answered response (the newest `serve.responses_kept`): what feedback may train on."""
-
-_READY: set[str] = set()  # state DB URLs whose tables are known to exist
-_READY_LOCK = threading.Lock()
-
-
-def _ensure_table(engine: Engine) -> None:
-    # db.connect creates the tables known when it ran; this module may be imported later.
-    url = str(engine.url)
-    with _READY_LOCK:
-        if url not in _READY:
-            for table in (request_log, served_responses):
-                table.create(engine, checkfirst=True)
-                _add_missing_columns(engine, table)
-            _READY.add(url)
-
-
-def _add_missing_columns(engine: Engine, table: Table) -> None:
-    """Add the nullable columns of `table` that an older state DB lacks (`receiver`).
-
-    `create(checkfirst=True)` leaves an existing table as it is, and selecting a column it
-    lacks would fail every read. Only nullable columns are added (older rows get NULL), so
-    this never rewrites or drops data."""
-    have = {c["name"] for c in inspect(engine).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in have or not column.nullable:
-            continue
-        prep = engine.dialect.identifier_preparer
-        ddl = (
-            f"ALTER TABLE {prep.quote(table.name)} ADD COLUMN {prep.quote(column.name)} "
-            f"{column.type.compile(dialect=engine.dialect)}"
-        )
-        try:
-            with engine.begin() as conn:
-                conn.execute(text(ddl))
-        except OperationalError:
-            # Another process added it first ("duplicate column"): fine if it is there now.
-            if column.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                raise
 
 
 def response_digest(prompt: Any, completion: Any) -> str:
@@ -165,7 +77,6 @@ class ServedResponse:
 
 def get_served(ws: Workspace, response_id: str) -> ServedResponse | None:
     """The served response with this id, or None (never served here, or pruned since)."""
-    _ensure_table(ws.engine)
     with ws.engine.connect() as conn:
         row = (
             conn.execute(select(served_responses).where(served_responses.c.id == response_id))
@@ -210,7 +121,6 @@ def list_requests(
     """The newest `limit` logged requests, newest first (optionally of one version, "v3")."""
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    _ensure_table(ws.engine)
     query = select(request_log).order_by(request_log.c.created_at.desc()).limit(limit)
     if version is not None:
         query = query.where(request_log.c.version == version)
@@ -221,7 +131,6 @@ def list_requests(
 
 def get_request(ws: Workspace, request_id: str) -> LoggedRequest | None:
     """The logged request with this response id, or None (not sampled, or never served)."""
-    _ensure_table(ws.engine)
     with ws.engine.connect() as conn:
         row = (
             conn.execute(select(request_log).where(request_log.c.id == request_id))
@@ -368,7 +277,6 @@ class RequestLog:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
-                _ensure_table(self.ws.engine)
                 self._thread = threading.Thread(
                     target=self._run, name="evertune-request-log", daemon=True
                 )

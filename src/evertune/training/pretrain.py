@@ -74,6 +74,28 @@ def document_ids(
     return docs
 
 
+def replay_documents(setup: Setup, n_docs: int) -> list[list[int]]:
+    """With `data.replay` > 0: the base model's own answers to general prompts, each rendered
+    in its chat template as one document, mixed in as for supervised rounds. A domain corpus
+    alone pulls an instruct model away from answering (the forgetting guard then rejects the
+    round); its own conversations keep that ability while it learns the domain."""
+    cfg = setup.cfg
+    if cfg.data.replay <= 0:
+        return []
+    from evertune.data.templating import to_example, tokenize_example
+    from evertune.evaluation.general import replay_records
+
+    docs = []
+    for rec in replay_records(cfg, setup.ws.root, setup.base_path, n_docs):
+        tok = tokenize_example(to_example(rec, setup.tokenizer), setup.tokenizer,
+                               cfg.data.max_seq_len, True)
+        if tok is not None:
+            docs.append(list(tok.input_ids))
+    setup.event(f"Replay: {len(docs)} general-set conversations answered by the base model "
+                f"mixed into {n_docs} documents (data.replay={cfg.data.replay:g})")
+    return docs
+
+
 def pack(docs: list[list[int]], block_size: int) -> list[Block]:
     """Concatenate documents and cut them into blocks of `block_size` (the last may be shorter).
 
@@ -147,6 +169,7 @@ class PretrainRecipe(Recipe):
         size = p.block_size or setup.cfg.data.max_seq_len
         train = document_ids(setup.dataset.records("train"), setup.tokenizer)
         val = document_ids(setup.dataset.records("validation"), setup.tokenizer)
+        train += replay_documents(setup, len(train))
         tokens = sum(len(d) for d in train)
         if self.packing:
             units = Units(train=pack(train, size), val=pack(val, size), what="packed blocks")

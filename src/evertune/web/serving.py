@@ -45,8 +45,9 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import Integer, and_, case, cast, func, literal, select
 
 from evertune.auth import Principal
+from evertune.db import request_log
 from evertune.monitoring.feedback import FEEDBACK_PREFIX
-from evertune.monitoring.request_log import _ensure_table, list_requests, request_log
+from evertune.monitoring.request_log import list_requests
 from evertune.web.charts import Series, line_chart
 from evertune.web.render import error_page, page
 
@@ -96,7 +97,6 @@ class Health:
 def summary(ws: Workspace, window_s: float = 900) -> Health:
     """Requests, error rate, TTFT p50 and requests/s over the last `window_s` seconds, overall
     and per version (two aggregate queries; no gateway needed)."""
-    _ensure_table(ws.engine)
     since = time.time() - window_s
     t = request_log
     in_window = t.c.created_at >= since
@@ -218,7 +218,6 @@ def series(ws: Workspace, window: Window, now: float | None = None) -> dict[str,
     Returns {"versions": [...by logged requests...], "points": {version: {bucket: {...}}},
     "start": unix s of bucket 0, "buckets": count}. Three aggregate queries over the window.
     """
-    _ensure_table(ws.engine)
     now = time.time() if now is None else now
     buckets = window.seconds // window.bucket_s
     start = now - buckets * window.bucket_s
