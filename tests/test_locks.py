@@ -208,3 +208,43 @@ def test_evertune_up_is_one_per_workspace_and_a_killed_one_is_replaced(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(30)
+
+
+HOLD = """
+import sys, time
+from evertune.locks import exclusive
+from evertune.workspace import Workspace
+ws = Workspace.open(__import__("pathlib").Path(sys.argv[1]), sys.argv[2:])
+with exclusive(ws, "deploy", timeout=30):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_the_deploy_lock_queues_holders_and_a_killed_holder_releases_it(
+    tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> None:
+    """One deploy operation at a time across processes (hosts, with Postgres: an advisory
+    lock); a holder killed with -9 mid-operation does not leave the lock held."""
+    from evertune.deploy import _locked
+    from evertune.errors import LifecycleError
+
+    Workspace.init(tmp_path / "ws")
+    sets = [] if store == "sqlite" else [f"storage.state_db={request.getfixturevalue('pg_url')}"]
+    ws = Workspace.open(tmp_path / "ws", sets)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ws.root), *sets],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LifecycleError, match="held the deploy lock for over 0.5 s"):
+            with _locked(ws, timeout=0.5):
+                pass
+        holder.kill()  # kill -9 while holding it
+        holder.wait()
+        started = time.monotonic()
+        with _locked(ws, timeout=10):
+            waited = time.monotonic() - started
+        assert waited < 5
+    finally:
+        holder.kill()

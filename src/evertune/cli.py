@@ -782,6 +782,58 @@ def audit(
     console.print(t if t.row_count else "No audit records yet.")
 
 
+db_app = typer.Typer(help="The state DB's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+def _state_engine(sets: list[str] | None) -> tuple[Any, str]:
+    """(engine without migrating, the URL with its password hidden) of the workspace's state DB."""
+    from sqlalchemy import make_url
+
+    from evertune import db
+
+    ws = _open(sets)
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    url = ws.state_db_url
+    return db.connect(url, migrate=False), make_url(url).render_as_string(hide_password=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(sets: list[str] = SetOpt) -> None:
+    """Migrate the state DB to the newest schema (safe to run from several hosts at once)."""
+    from sqlalchemy.exc import OperationalError
+
+    from evertune import migrations
+    from evertune.db import server_error, storage_error
+
+    engine, shown = _state_engine(sets)
+    try:
+        was = migrations.upgrade(engine)
+    except OperationalError as exc:
+        if engine.dialect.name == "sqlite":
+            raise storage_error(f"the state DB {shown}", exc) from exc
+        raise server_error(str(engine.url), exc) from exc
+    now = migrations.current(engine)
+    if was == now:
+        console.print(f"state DB {shown} is at revision {now} (the newest); nothing to do",
+                      highlight=False)
+    else:
+        console.print(f"state DB {shown}: migrated from {was or 'empty'} to {now}",
+                      highlight=False)
+
+
+@db_app.command("current")
+def db_current(sets: list[str] = SetOpt) -> None:
+    """Show the state DB's schema revision and the newest one this Evertune knows."""
+    from evertune import migrations
+
+    engine, shown = _state_engine(sets)
+    now = migrations.current(engine)
+    state = "up to date" if now == migrations.HEAD else "run `evertune db upgrade`"
+    console.print(f"state DB {shown}: revision {now or 'none'}; newest {migrations.HEAD} "
+                  f"({state})", highlight=False)
+
+
 tokens_app = typer.Typer(help="API tokens (admin): create, list, revoke.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
@@ -1088,6 +1140,11 @@ def logs(
 def up(
     host: str = typer.Option(None, "--host", help="Bind address (default: server.host)."),
     port: int = typer.Option(None, "--port", "-p", help="Port (default: server.port)."),
+    serving: bool = typer.Option(
+        True, "--serving/--no-serving",
+        help="Also serve the models (/v1). --no-serving: a control plane only, with serving in "
+        "separate `evertune serve` processes.",
+    ),
     sets: list[str] = SetOpt,
 ) -> None:
     """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""  # noqa: E501 (--help text; Rich would keep a line break)
@@ -1114,14 +1171,15 @@ def up(
         from evertune import server
 
         h, p = host or ws.config.server.host, port or ws.config.server.port
+        serves = f"serving http://{h}:{p}/v1" if serving else "no serving (--no-serving)"
         console.print(
             f"Evertune up: workspace {ws.root}, bucket {ws.bucket_url}\n"
             f"  console http://{h}:{p}/  "
             f"(sign in with a token: {ws.state_dir / 'token'} holds the admin's)\n"
-            f"  API http://{h}:{p}/api · serving http://{h}:{p}/v1 · Ctrl-C stops",
+            f"  API http://{h}:{p}/api · {serves} · Ctrl-C stops",
             highlight=False,
         )
-        server.run(ws, host=h, port=p)
+        server.run(ws, host=h, port=p, serving=serving)
     finally:
         lock.release()
 
@@ -1182,6 +1240,49 @@ def main() -> None:
             raise
         err_console.print(f"[red]error:[/] {storage}", highlight=False)
         sys.exit(storage.exit_code)
+
+
+# -- Kubernetes (deploy/k8s, docs/kubernetes.md; one block: evertune.k8s holds the logic) -----
+# Registered before the __main__ guard so `python -m evertune.cli k8s …` sees it too.
+k8s_app = typer.Typer(
+    help="Kubernetes manifests: render them from a values file; bootstrap a cluster's tokens.",
+    no_args_is_help=True,
+)
+app.add_typer(k8s_app, name="k8s")
+
+
+@k8s_app.command("render")
+def k8s_render(
+    values: Path = typer.Option(
+        ..., "--values", "-f",
+        help="Values file: only what differs from deploy/k8s/values.yaml.",
+    ),
+    out: Path = typer.Option(Path("build/k8s"), "--out", "-o", help="Folder to write to."),
+) -> None:
+    """Render the manifests: control plane, serving (+HPA), KubeRay, Postgres, MLflow, monitoring."""  # noqa: E501 (--help text; Rich would keep a line break)
+    from evertune import k8s
+
+    result = k8s.render_to(values, out)
+    console.print(f"Wrote {len(result.files)} files to {result.out}:", highlight=False)
+    for path in result.files:
+        console.print(f"  {path}", highlight=False)
+    if result.generated:
+        console.print(
+            f"[yellow]generated secrets.{', secrets.'.join(result.generated)}[/] into "
+            f"{out / k8s.FILES['config']} (mode 0600; rendering again into {out} keeps them)",
+            highlight=False,
+        )
+    console.print(f"Apply: kubectl apply -f {out}/  (examples/ is left out: it is not recursive)",
+                  highlight=False)
+
+
+@k8s_app.command("bootstrap")
+def k8s_bootstrap() -> None:
+    """Register $EVERTUNE_TOKEN (admin) and $EVERTUNE_SERVING_KEY (serving) in the state DB; idempotent."""  # noqa: E501 (--help text; Rich would keep a line break)
+    from evertune import k8s
+
+    for line in k8s.bootstrap_tokens(_open(), os.environ):
+        console.print(line, highlight=False)
 
 
 if __name__ == "__main__":

@@ -36,17 +36,16 @@ Either way the report is saved under `.evertune/system-tests/`.
 Each operation ends with a webhook event (`model.approve`, `model.promote`, `model.reject`,
 `model.rollback`; `notify.webhook_url`, if set) carrying the moves and the outcome.
 
-Deploy operations hold a file lock (`.evertune/deploy.lock`) so the CLI and a running server
-never interleave two rollouts; the registry's own checks (one version in QA at a time) stay
-the last line of defence across machines.
+Deploy operations hold the workspace's deploy lock (`evertune.locks.exclusive`: a Postgres
+advisory lock when the state DB is Postgres, so replicas on several hosts queue; a file lock
+beside a SQLite state DB) so the CLI, a server and its replicas never interleave two rollouts;
+the registry's own checks (one version in QA at a time) stay the last line of defence.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gc
-import json
 import logging
 import random
 import time
@@ -70,7 +69,7 @@ Source = Literal["test", "validation", "golden", "builtin"]
 log = logging.getLogger("evertune.deploy")
 
 REPORTS_DIR = "system-tests"  # under ws.state_dir: one JSON report per system-test run
-LOCK_FILE = "deploy.lock"  # under ws.state_dir
+LOCK_NAME = "deploy"  # evertune.locks.exclusive: deploy.lock beside SQLite, advisory on Postgres
 LOCK_TIMEOUT_S = 600.0  # a rollout (model load + smoke prompts) rarely takes longer
 TESTS_TAG = "system_tests"  # version tag: pass | fail | error (promote re-runs unless pass)
 TESTS_ERROR = "error"  # TESTS_TAG value: the last attempt failed because of the environment
@@ -710,26 +709,15 @@ def _registry(ws: Workspace) -> Registry:
 
 @contextlib.contextmanager
 def _locked(ws: Workspace, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Serialise deploy operations of this workspace across processes (CLI and server)."""
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    with open(ws.state_dir / LOCK_FILE, "a+") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise LifecycleError(
-                        f"another deploy operation on this workspace has held {LOCK_FILE} for "
-                        f"over {timeout:g} s; wait for it or check `evertune audit`"
-                    ) from None
-                time.sleep(0.1)
-        try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(json.dumps({"since": time.time()}))
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """Serialise deploy operations of this workspace across processes and hosts (CLI, server
+    replicas): evertune.locks.exclusive, an advisory lock on a Postgres state DB."""
+    from evertune.locks import exclusive
+
+    def busy(waited: float) -> LifecycleError:
+        return LifecycleError(
+            f"another deploy operation on this workspace has held the deploy lock for over "
+            f"{waited:g} s; wait for it or check `evertune audit`"
+        )
+
+    with exclusive(ws, LOCK_NAME, timeout, busy):
+        yield

@@ -1,8 +1,17 @@
-"""The workspace lock: one `evertune up` per workspace, and a dead holder's lock is taken over.
+"""Locks between processes and hosts that share one state DB.
 
-    from evertune.locks import WorkspaceLock
+    from evertune.locks import WorkspaceLock, exclusive
     with WorkspaceLock(ws, "evertune up"):  # WorkspaceLocked names the holder if one is alive
         server.run(ws)
+    with exclusive(ws, "deploy", timeout=600):  # one deploy operation at a time, any host
+        ...
+
+`exclusive` is a mutex for short critical sections: a Postgres advisory lock when the state
+DB is Postgres (held by a session, so a holder that dies, even by kill -9 or with its host,
+releases it when its connection drops), else a file lock beside the SQLite file (which only
+processes of one host can share anyway).
+
+The workspace lock below is for the life of a process.
 
 The lock is a row of the state DB's `locks` table (name, holder host, PID, started-at,
 heartbeat, a random token per holder), so it works wherever the state lives: the default
@@ -27,19 +36,22 @@ for long. Clocks of hosts sharing one state DB must agree to well within the lea
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from evertune import db
@@ -80,6 +92,54 @@ class Holder:
             f"{self.purpose} on host {self.host}, PID {self.pid}, since {since} "
             f"(last heartbeat {max(0.0, now - self.heartbeat_at):.0f} s ago)"
         )
+
+
+@contextlib.contextmanager
+def exclusive(
+    ws: Workspace, name: str, timeout: float, busy: Callable[[float], Exception] | None = None
+) -> Iterator[None]:
+    """Hold lock `name` among every process using this workspace's state DB (any host with
+    Postgres); waits up to `timeout` seconds, then raises `busy(timeout)` (or TimeoutError)."""
+    engine = ws.engine
+    deadline = time.monotonic() + timeout
+
+    def give_up() -> Exception:
+        return busy(timeout) if busy else TimeoutError(f"lock {name!r} held over {timeout:g} s")
+
+    if engine.dialect.name == "postgresql":
+        key = advisory_key(name)
+        with engine.connect() as conn:
+            while not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+                conn.commit()
+                if time.monotonic() > deadline:
+                    raise give_up()
+                time.sleep(0.1)
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    with open(ws.state_dir / f"{name}.lock", "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise give_up() from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def advisory_key(name: str) -> int:
+    """The Postgres advisory-lock key of lock `name` (a stable 32-bit hash)."""
+    return zlib.crc32(f"evertune:{name}".encode())
 
 
 def pid_alive(pid: int) -> bool:

@@ -122,7 +122,7 @@ def create_app(
 
 def run(
     ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True,
-    stages: tuple[str, ...] = ("prod", "qa"),
+    serving: bool = True, stages: tuple[str, ...] = ("prod", "qa"),
 ) -> None:
     """Serve the app with uvicorn until interrupted.
 
@@ -135,7 +135,7 @@ def run(
 
     bind = host or ws.config.server.host
     require_keys_off_loopback(ws, bind)
-    app = create_app(ws, control=control, stages=stages)
+    app = create_app(ws, control=control, serving=serving, stages=stages)
     uvicorn.run(
         app,
         host=bind,
