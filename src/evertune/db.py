@@ -23,6 +23,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -114,6 +115,39 @@ locks = Table(
     Column("purpose", String(128), nullable=False),  # "evertune up"
     Column("started_at", Float, nullable=False),  # unix seconds
     Column("heartbeat_at", Float, nullable=False),  # refreshed by the holder (evertune.locks)
+)
+
+
+# -- pipeline runs and their steps (evertune.pipeline) --------------------------------------
+
+pipeline_runs = Table(
+    "pipeline_runs",
+    metadata,
+    Column("id", String(64), primary_key=True),  # = DBOS workflow id
+    Column("model", String(128), nullable=False, index=True),  # registered model name
+    Column("trigger", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # queued|running|succeeded|failed|skipped
+    Column("created_at", Float, nullable=False),  # unix seconds; when it was queued
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("error", Text),
+    Column("version", Integer),  # registered model version
+)
+
+pipeline_steps = Table(
+    "pipeline_steps",
+    metadata,
+    Column("run_id", String(64), nullable=False),
+    Column("name", String(32), nullable=False),
+    Column("position", Integer, nullable=False),  # 0..3, the order in STEPS
+    Column("status", String(16), nullable=False),  # pending|running|succeeded|failed|skipped
+    Column("started_at", Float),  # first attempt
+    Column("finished_at", Float),
+    Column("attempts", Integer, nullable=False, default=0),  # >1: re-run after a restart
+    Column("outputs", JSON),
+    Column("logs", JSON),  # [{"t": unix s, "level": info|warn|error, "message": str}]
+    Column("error", Text),
+    PrimaryKeyConstraint("run_id", "name"),
 )
 
 

@@ -83,15 +83,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from pydantic import BaseModel, computed_field
 from sqlalchemy import (
-    JSON,
-    Column,
     Engine,
-    Float,
-    Integer,
-    PrimaryKeyConstraint,
-    String,
-    Table,
-    Text,
     insert,
     select,
     update,
@@ -99,6 +91,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 
 from evertune import db
+from evertune.db import pipeline_runs, pipeline_steps
 from evertune.errors import DataError, EvertuneError, NotFoundError
 
 if TYPE_CHECKING:
@@ -135,47 +128,8 @@ class _Interrupted(BaseException):
 
 # -- state-DB tables ---------------------------------------------------------------------------
 
-pipeline_runs = Table(
-    "pipeline_runs",
-    db.metadata,
-    Column("id", String(64), primary_key=True),  # = DBOS workflow id
-    Column("model", String(128), nullable=False, index=True),  # registered model name
-    Column("trigger", JSON, nullable=False),
-    Column("status", String(16), nullable=False),  # queued|running|succeeded|failed|skipped
-    Column("created_at", Float, nullable=False),  # unix seconds; when it was queued
-    Column("started_at", Float),
-    Column("finished_at", Float),
-    Column("error", Text),
-    Column("version", Integer),  # registered model version
-)
-
-pipeline_steps = Table(
-    "pipeline_steps",
-    db.metadata,
-    Column("run_id", String(64), nullable=False),
-    Column("name", String(32), nullable=False),
-    Column("position", Integer, nullable=False),  # 0..3, the order in STEPS
-    Column("status", String(16), nullable=False),  # pending|running|succeeded|failed|skipped
-    Column("started_at", Float),  # first attempt
-    Column("finished_at", Float),
-    Column("attempts", Integer, nullable=False, default=0),  # >1: re-run after a restart
-    Column("outputs", JSON),
-    Column("logs", JSON),  # [{"t": unix s, "level": info|warn|error, "message": str}]
-    Column("error", Text),
-    PrimaryKeyConstraint("run_id", "name"),
-)
-
-_tables_ready: set[int] = set()  # id() of engines whose pipeline tables exist
-
-
 def _engine(ws: Workspace) -> Engine:
-    """The state DB with the pipeline tables (created on first use: `db.connect` may have run
-    before this module was imported, so its create_all did not know them)."""
-    engine = ws.engine
-    if id(engine) not in _tables_ready:
-        db.metadata.create_all(engine, tables=[pipeline_runs, pipeline_steps])
-        _tables_ready.add(id(engine))
-    return engine
+    return ws.engine
 
 
 # -- public read models ------------------------------------------------------------------------

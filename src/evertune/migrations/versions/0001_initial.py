@@ -1,5 +1,5 @@
 """The schema as of the first migration: jobs, events, metrics, checkpoints, tokens, locks, the
-request log and served responses, drift checks, the audit log.
+request log and served responses, drift checks, the audit log, pipeline runs and steps.
 
 Revision 0001. On an empty database it creates every table. On a state DB made before
 migrations existed (tables created directly by older Evertune versions) it adopts what is
@@ -184,6 +184,32 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id')
     )
     _index(op.f('ix_job_metrics_job_id'), 'job_metrics', ['job_id'], unique=False)
+    _table('pipeline_runs',
+        sa.Column('id', sa.String(length=64), nullable=False),
+        sa.Column('model', sa.String(length=128), nullable=False),
+        sa.Column('trigger', sa.JSON(), nullable=False),
+        sa.Column('status', sa.String(length=16), nullable=False),
+        sa.Column('created_at', sa.Float(), nullable=False),
+        sa.Column('started_at', sa.Float(), nullable=True),
+        sa.Column('finished_at', sa.Float(), nullable=True),
+        sa.Column('error', sa.Text(), nullable=True),
+        sa.Column('version', sa.Integer(), nullable=True),
+        sa.PrimaryKeyConstraint('id')
+    )
+    _index(op.f('ix_pipeline_runs_model'), 'pipeline_runs', ['model'], unique=False)
+    _table('pipeline_steps',
+        sa.Column('run_id', sa.String(length=64), nullable=False),
+        sa.Column('name', sa.String(length=32), nullable=False),
+        sa.Column('position', sa.Integer(), nullable=False),
+        sa.Column('status', sa.String(length=16), nullable=False),
+        sa.Column('started_at', sa.Float(), nullable=True),
+        sa.Column('finished_at', sa.Float(), nullable=True),
+        sa.Column('attempts', sa.Integer(), nullable=False),
+        sa.Column('outputs', sa.JSON(), nullable=True),
+        sa.Column('logs', sa.JSON(), nullable=True),
+        sa.Column('error', sa.Text(), nullable=True),
+        sa.PrimaryKeyConstraint('run_id', 'name')
+    )
 
 
 def downgrade() -> None:
