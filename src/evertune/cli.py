@@ -1150,10 +1150,16 @@ def up(
     """Run everything on one port: web console, control API, pipeline runtime, bucket watcher, serving."""  # noqa: E501 (--help text; Rich would keep a line break)
     ws = _open(sets)
     from evertune.locks import WorkspaceLock
+    from evertune.replicas import shared_state
     from evertune.serving.keys import require_keys_off_loopback
 
     # Refused before anything starts or is printed (server.run checks again for other callers).
     require_keys_off_loopback(ws, host or ws.config.server.host)
+    if shared_state(ws):
+        # A Postgres state DB: this is one of any number of replicas (evertune.replicas); the
+        # one holding the workspace lock runs the watcher and drift monitor.
+        _up_replica(ws, host, port, serving)
+        return
     # One `up` per workspace: two would both run the pipeline and the watcher. Taken before the
     # heavy imports so a second `up` is refused at once, naming the process that holds it.
     lock = WorkspaceLock(ws, "evertune up", on_lost=_stop_this_process).acquire()
@@ -1182,6 +1188,27 @@ def up(
         server.run(ws, host=h, port=p, serving=serving)
     finally:
         lock.release()
+
+
+def _up_replica(ws: Any, host: str | None, port: int | None, serving: bool) -> None:
+    """`evertune up` as one of several replicas on a shared (Postgres) state DB."""
+    from sqlalchemy import make_url
+
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    _quiet_libraries()
+    from evertune import server
+
+    h, p = host or ws.config.server.host, port or ws.config.server.port
+    state = make_url(ws.state_db_url).render_as_string(hide_password=True)
+    serves = f"serving http://{h}:{p}/v1" if serving else "no serving (--no-serving)"
+    console.print(
+        f"Evertune up (a replica on state DB {state}): workspace {ws.root}, bucket "
+        f"{ws.bucket_url}\n  console http://{h}:{p}/ · API http://{h}:{p}/api · {serves}\n"
+        "  the leading replica runs the bucket watcher; any replica runs queued rounds and "
+        "recovers those of a dead one · Ctrl-C stops",
+        highlight=False,
+    )
+    server.run(ws, host=h, port=p, serving=serving, replicas=True, on_lost=_stop_this_process)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -442,12 +442,14 @@ def system_database_url(ws: Workspace) -> str:
     return f"sqlite:///{ws.state_dir / 'dbos.db'}"
 
 
-def launch(ws: Workspace, *, warm: bool = True) -> None:
+def launch(ws: Workspace, *, warm: bool = True, executor_id: str | None = None) -> None:
     """Start the DBOS runtime for `ws` in this process (resumes interrupted runs at once).
 
     Idempotent for the same workspace. DBOS is one per process: to switch workspaces (tests)
-    call `shutdown()` first. `warm=True` imports the heavy libraries and opens the MLflow
-    store in a background thread, so the first run does not pay for them inside its steps.
+    call `shutdown()` first. `executor_id`: this process's id among several replicas sharing a
+    Postgres state DB (evertune.replicas); DBOS's default "local" otherwise. `warm=True`
+    imports the heavy libraries and opens the MLflow store in a background thread, so the
+    first run does not pay for them inside its steps.
     """
     global _runtime
     with _launch_lock:
@@ -469,6 +471,7 @@ def launch(ws: Workspace, *, warm: bool = True) -> None:
                 "system_database_url": system_database_url(ws),
                 "application_version": APP_VERSION,
                 "log_level": os.environ.get("EVERTUNE_DBOS_LOG_LEVEL", "WARNING"),
+                **({"executor_id": executor_id} if executor_id else {}),
             }
         )
         # Set before launch: DBOS starts recovered workflows during launch(), and they need it.
@@ -534,6 +537,12 @@ def _off_loop(fn: Callable[[], T]) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+def recover_executors(executor_ids: list[str]) -> None:
+    """Re-enqueue the pending runs of dead replicas' DBOS executors, to run here or on any
+    live replica (evertune.replicas); DBOS admits one runner per workflow."""
+    _off_loop(lambda: DBOS._recover_pending_workflows(executor_ids))
 
 
 def launched() -> bool:

@@ -15,7 +15,7 @@ in this process: killing it loses nothing (see pipeline.py).
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 
 def create_app(
     ws: Workspace, *, control: bool = True, serving: bool = True,
-    stages: tuple[str, ...] = ("prod", "qa"),
+    stages: tuple[str, ...] = ("prod", "qa"), replicas: bool = False,
+    on_lost: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """The ASGI app; `control=False` gives a serving-only process."""
+    """The ASGI app; `control=False` gives a serving-only process.
+
+    `replicas=True` (a Postgres state DB shared by several `evertune up`): this process is one
+    replica (evertune.replicas) and runs the bucket watcher and drift monitor only while it
+    leads; `on_lost` is called if it loses a lock it held."""
     from fastapi import FastAPI
 
     from evertune.monitoring import metrics_router
@@ -38,25 +43,26 @@ def create_app(
     gateway = Gateway(ws, stages=stages) if serving else None
     watcher: Any = None
     drift: Any = None
+    replica: Any = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal watcher, drift
+        nonlocal replica
         # The finally also runs when start-up fails (serving cannot load a version, say), so
         # the pipeline's threads stop and the process exits with the error instead of lingering.
         try:
             if control:
                 from evertune import pipeline
-                from evertune.trigger import Watcher
 
-                pipeline.launch(ws)
-                watcher = Watcher(ws)
-                watcher.start()
-                # Once per workspace, like the watcher: it writes audit events, starts rounds.
-                from evertune.monitoring.drift import DriftMonitor
+                if replicas:
+                    from evertune.replicas import Replica
 
-                drift = DriftMonitor(ws)
-                drift.start()  # no-op with monitor.drift.enabled: false
+                    replica = Replica(ws, on_leader=lead, on_lost=on_lost)
+                pipeline.launch(ws, executor_id=replica.executor_id if replica else None)
+                if replica is not None:
+                    replica.start()  # leads now if nobody else does; lead() runs then
+                else:
+                    lead()
             if gateway is not None:
                 gateway.start()
             # Everything loaded so far (torch, MLflow, DBOS, the models) lives for the whole
@@ -68,6 +74,8 @@ def create_app(
             app.state.ready = True
             yield
         finally:
+            if replica is not None:
+                replica.stop()
             if drift is not None:
                 drift.stop()
             if watcher is not None:
@@ -78,6 +86,17 @@ def create_app(
                 from evertune import pipeline
 
                 pipeline.shutdown()
+
+    def lead() -> None:
+        """Start what runs once per workspace: the bucket watcher and the drift monitor."""
+        nonlocal watcher, drift
+        from evertune.monitoring.drift import DriftMonitor
+        from evertune.trigger import Watcher
+
+        watcher = Watcher(ws)
+        watcher.start()
+        drift = DriftMonitor(ws)  # writes audit events, starts rounds
+        drift.start()  # no-op with monitor.drift.enabled: false
 
     app = FastAPI(title="Evertune", version=_version(), lifespan=lifespan)
     app.state.ready = False
@@ -102,9 +121,11 @@ def create_app(
         bucket folder); monitors should alert on the status field."""
         found = problems() if app.state.ready else []
         status = "starting" if not app.state.ready else ("degraded" if found else "ok")
+        role = ("single" if replica is None else "leader" if replica.leader else "follower")
         return {
             "status": status, "problems": found, "workspace": str(ws.root),
-            "model": ws.config.model.name,
+            "model": ws.config.model.name, "role": role if control else "serving",
+            "replica": replica.executor_id if replica is not None else None,
         }
 
     if control:
@@ -122,7 +143,8 @@ def create_app(
 
 def run(
     ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True,
-    serving: bool = True, stages: tuple[str, ...] = ("prod", "qa"),
+    serving: bool = True, stages: tuple[str, ...] = ("prod", "qa"), replicas: bool = False,
+    on_lost: Callable[[str], None] | None = None,
 ) -> None:
     """Serve the app with uvicorn until interrupted.
 
@@ -135,7 +157,8 @@ def run(
 
     bind = host or ws.config.server.host
     require_keys_off_loopback(ws, bind)
-    app = create_app(ws, control=control, serving=serving, stages=stages)
+    app = create_app(ws, control=control, serving=serving, stages=stages, replicas=replicas,
+                     on_lost=on_lost)
     uvicorn.run(
         app,
         host=bind,

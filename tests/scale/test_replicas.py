@@ -1,0 +1,123 @@
+"""Several `evertune up` replicas on one PostgreSQL state DB: pytest tests/scale/test_replicas.py
+
+Two real `evertune up --no-serving` processes share a workspace folder and a Postgres server
+started on loopback (tests/postgres.py). A drop starts exactly one run; the replica executing
+it is killed with -9 mid-training; the other takes over the lead, recovers the run through
+DBOS and finishes it; exactly one version is registered.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from evertune.registry import Registry
+from evertune.workspace import Workspace
+from tests.conftest import make_workspace
+from tests.postgres import free_port
+from tests.test_pipeline import PIPELINE_SETTINGS, tickets
+
+pytestmark = pytest.mark.slow
+
+
+def _up(ws: Workspace, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    # Slow steps so the kill lands mid-training (the tiny model trains in a second).
+    env = {**os.environ, "EVERTUNE_TEST_STEP_DELAY_S": "0.5"}
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evertune.cli", "-w", str(ws.root), "up", "--no-serving",
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ws.root,
+        )
+    return proc, port
+
+
+def _health(port: int) -> dict[str, Any] | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+    except httpx.HTTPError:
+        return None
+
+
+def _wait(predicate: Any, timeout: float, what: str, logs: list[Path]) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n"
+                         + "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs))
+
+
+def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
+    tmp_path: Path, tiny_model: Path, pg_url: str
+) -> None:
+    ws = make_workspace(tmp_path / "ws", tiny_model, **PIPELINE_SETTINGS,
+                        storage={"state_db": pg_url},
+                        train={"n_epochs": 2, "checkpoint_every": 2})
+    ws = Workspace.open(ws.root)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    try:
+        for name, log in zip("ab", logs, strict=True):
+            procs[name] = _up(ws, log)
+        health = {name: _wait(lambda p=port: (h := _health(p)) and h["status"] == "ok" and h,
+                              240, f"replica {name} healthy", logs)
+                  for name, (_, port) in procs.items()}
+        roles = sorted(h["role"] for h in health.values())
+        assert roles == ["follower", "leader"], health  # one watcher for the workspace
+        executors = {h["replica"]: name for name, h in health.items()}
+
+        drop = ws.root / ws.config.storage.bucket / "raw-data" / "tickets.jsonl"
+        drop.write_bytes(tickets(40))
+        engine = create_engine(pg_url)
+
+        def running_on() -> str | None:
+            with engine.connect() as conn:
+                row = conn.execute(text(
+                    "SELECT w.executor_id FROM dbos.workflow_status w JOIN pipeline_runs r "
+                    "ON r.id = w.workflow_uuid JOIN jobs j ON j.run_id = r.id "
+                    "WHERE w.status = 'PENDING'")).first()
+            return row[0] if row and row[0] in executors else None
+
+        victim = executors[_wait(running_on, 240, "a replica training the run", logs)]
+        proc, _ = procs.pop(victim)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        survivor, (_, port) = next(iter(procs.items()))
+
+        def finished() -> str | None:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT status FROM pipeline_runs")).scalars().all()
+            return rows[0] if rows and rows[0] in ("succeeded", "failed") else None
+
+        assert _wait(finished, 300, "the run to finish on the survivor", logs) == "succeeded"
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM pipeline_runs")).scalar() == 1
+        assert len(Registry(ws).list_versions()) == 1  # registered once, not per replica
+        survivor_health = _health(port)
+        assert survivor_health is not None and survivor_health["role"] == "leader"
+        with engine.connect() as conn:  # DBOS handed the run to the survivor's executor
+            (executor,) = conn.execute(text(
+                "SELECT executor_id FROM dbos.workflow_status w JOIN pipeline_runs r "
+                "ON r.id = w.workflow_uuid")).scalars().all()
+        assert executors.get(executor) == survivor, (executor, executors, victim)
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
