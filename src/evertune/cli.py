@@ -1155,6 +1155,9 @@ def up(
 
     # Refused before anything starts or is printed (server.run checks again for other callers).
     require_keys_off_loopback(ws, host or ws.config.server.host)
+    from evertune.server import preflight
+
+    preflight(ws)  # the MLflow server answers, the bucket can be listed
     if shared_state(ws):
         # A Postgres state DB: this is one of any number of replicas (evertune.replicas); the
         # one holding the workspace lock runs the watcher and drift monitor.

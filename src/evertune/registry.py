@@ -194,6 +194,7 @@ class Registry:
         # that is noise in CLI output, not news.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         uri = self.ws.tracking_uri
+        check_tracking_server(uri)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     @cached_property
@@ -1106,6 +1107,27 @@ def _quote(value: str) -> str:
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+_SERVERS_UP: set[str] = set()  # tracking servers that answered /health in this process
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """For an `http(s)://` tracking URI: RegistryError at once when the MLflow server does not
+    answer its /health, instead of MLflow's minutes of retries on the first call."""
+    if not uri.startswith(("http://", "https://")) or uri in _SERVERS_UP:
+        return
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise RegistryError(
+            f"the MLflow tracking server at {uri} (registry.tracking_uri) does not answer: "
+            f"{exc}; start it (`mlflow server --backend-store-uri … --artifacts-destination …`) "
+            "or fix the URL"
+        ) from None
+    _SERVERS_UP.add(uri)
 
 
 @contextlib.contextmanager

@@ -141,6 +141,31 @@ def create_app(
     return app
 
 
+def preflight(ws: Workspace) -> None:
+    """What the control plane needs from outside, checked at start: each failure is an error
+    naming the setting and the fix, before anything starts (not a traceback minutes later)."""
+    from evertune.bucket import Bucket
+    from evertune.errors import StorageError
+    from evertune.registry import check_tracking_server
+
+    check_tracking_server(ws.tracking_uri)  # registry.tracking_uri: an MLflow server answers
+    bucket = Bucket.for_workspace(ws)
+    problem = bucket.check()
+    if problem is None and not bucket.is_local:
+        try:
+            bucket.list("raw-data/")
+        except Exception as exc:  # noqa: BLE001 (any failure of the store is the message)
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            hint = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or give the host an IAM "
+                    "role), and AWS_ENDPOINT_URL for an S3-compatible store other than AWS"
+                    if "credential" in detail.lower() else
+                    "check the bucket name, the endpoint (AWS_ENDPOINT_URL) and this identity's "
+                    "access to it")
+            problem = f"cannot list {bucket.url} (storage.bucket): {detail}; {hint}"
+    if problem:
+        raise StorageError(problem)
+
+
 def run(
     ws: Workspace, *, host: str | None = None, port: int | None = None, control: bool = True,
     serving: bool = True, stages: tuple[str, ...] = ("prod", "qa"), replicas: bool = False,

@@ -148,8 +148,15 @@ class Workspace:
         return f"sqlite:///{path}"
 
     @property
-    def artifact_location(self) -> str:
-        return self.config.registry.artifact_location or (self.state_dir / "mlartifacts").as_uri()
+    def artifact_location(self) -> str | None:
+        """Where new MLflow experiments keep artifacts: registry.artifact_location; with a
+        tracking server, None (the server's own destination, proxied, so every host reads
+        them); else the workspace's .evertune/mlartifacts folder."""
+        if self.config.registry.artifact_location:
+            return self.config.registry.artifact_location
+        if (self.config.registry.tracking_uri or "").startswith(("http://", "https://")):
+            return None
+        return (self.state_dir / "mlartifacts").as_uri()
 
     # -- stores ------------------------------------------------------------------------
     @cached_property
