@@ -20,26 +20,16 @@ import pytest
 from evertune.registry import Registry
 from evertune.workspace import Workspace
 from tests.postgres import PostgresServer, free_port
-from tests.test_bucket import make_s3_bucket
+from tests.test_bucket import make_s3_bucket, moto_s3  # noqa: F401 (a fixture)
 from tests.test_registry import HISTORY, make_job, make_report
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+def moto_endpoint(moto_s3: str) -> str:  # noqa: F811 (the imported fixture)
+    """moto's S3 server on loopback (tests/test_bucket.py's fixture)."""
+    return moto_s3
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
