@@ -30,9 +30,12 @@ $EVERTUNE -w "$WS" models show 1
 # -- 2. DPO on preference pairs ------------------------------------------------------------------
 $PYTHON examples/make_preference_pairs.py "$WS/pairs.jsonl" --pairs 200
 $EVERTUNE -w "$WS" data add "$WS/pairs.jsonl"
+# These pairs differ only in format, so plain DPO separates them at once and keeps pushing
+# both answers down (it then generates badly); rpo_alpha adds the chosen answer's own loss.
 $EVERTUNE -w "$WS" tune --method dpo \
-  --set train.n_epochs=1 --set train.batch_size=4 --set train.learning_rate=5e-4 \
-  --set train.dpo.beta=0.1 --set eval.max_examples=24 --set eval.max_new_tokens=48 \
+  --set train.n_epochs=1 --set train.batch_size=4 --set train.learning_rate=2e-4 \
+  --set train.dpo.beta=0.1 --set train.dpo.rpo_alpha=1.0 \
+  --set eval.max_examples=24 --set eval.max_new_tokens=48 \
   --set eval.general_max_examples=8 \
   --set 'eval.metrics=[loss,rouge,embedding,exact_match,json_valid]'
 $EVERTUNE -w "$WS" models show 2

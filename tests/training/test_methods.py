@@ -16,7 +16,8 @@ from evertune.data.templating import IGNORE_INDEX, Example, to_preference, token
 from evertune.facts import read_facts
 from evertune.models import load_model, load_tokenizer
 from evertune.training import create_job, get_job, harness, list_events, list_metrics
-from evertune.training.dpo import REFERENCE_FILE, DpoRecipe, dpo_losses, run_dpo
+from evertune.training.dpo import REFERENCE_FILE, DpoRecipe, collate_pairs, dpo_losses, run_dpo
+from evertune.training.dpo import Pair as DpoPair
 from evertune.training.harness import collate, loss_sum, token_logps
 from evertune.training.kto import kto_losses, run_kto
 from evertune.training.pretrain import collate_blocks, pack, run_pretrain
@@ -154,6 +155,31 @@ def test_dpo_losses_follow_the_papers():
     smoothed, _, _ = dpo_losses(c, r, rc, rr, beta=0.5, label_smoothing=0.1)
     flipped = -torch.nn.functional.logsigmoid(-0.5 * logits)
     assert torch.allclose(smoothed, 0.9 * sig + 0.1 * flipped)
+
+
+def test_rpo_adds_the_chosen_answers_per_token_nll(tiny_model):
+    """train.dpo.rpo_alpha: the DPO loss plus alpha x the chosen answer's mean token NLL."""
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_model(tiny_model, "float32")
+    rows = preference_rows(3)
+    prefs = [to_preference(r, tokenizer) for r in rows]
+    pairs = [DpoPair(tokenize_example(Example(p.prompt, p.chosen), tokenizer, 128, True),
+                     tokenize_example(Example(p.prompt, p.rejected), tokenizer, 128, True))
+             for p in prefs]
+    for p in pairs:
+        p.ref = (-5.0, -5.0)
+    batch = collate_pairs(pairs, int(tokenizer.pad_token_id))
+    recipe = DpoRecipe()
+    recipe.beta, recipe.loss_type, recipe.smoothing = 0.1, "sigmoid", 0.0
+    with torch.no_grad():
+        recipe.rpo_alpha = 0.0
+        plain = recipe.loss(model, batch)
+        recipe.rpo_alpha = 2.0
+        rpo = recipe.loss(model, batch)
+        logps = token_logps(model, batch)[:3]
+    counts = (batch["labels"][:3, 1:] != IGNORE_INDEX).sum(-1)
+    nll = float((-logps / counts).mean())
+    assert nll > 0 and abs(float(rpo.loss) - float(plain.loss) - 2.0 * nll) < 1e-4
 
 
 def _margins(model_path: Path, adapter: Path | None, rows: list[dict]) -> list[float]:

@@ -211,6 +211,7 @@ class DpoRecipe(Recipe):
         val, _ = tokenize_pairs(setup.dataset.records("validation"), setup)
         d = setup.cfg.train.dpo
         self.beta, self.loss_type, self.smoothing = d.beta, d.loss_type, d.label_smoothing
+        self.rpo_alpha = d.rpo_alpha
         return Units(train=train, val=val, what="preference pairs")
 
     def prepare(self, setup: Setup, model: Any, units: Units, resumed: bool) -> None:
@@ -226,6 +227,10 @@ class DpoRecipe(Recipe):
         losses, rc, rr = dpo_losses(logps[:n], logps[n:], batch["ref_chosen"],
                                     batch["ref_rejected"], self.beta, self.loss_type,
                                     self.smoothing, lengths=(counts[:n], counts[n:]))
+        if self.rpo_alpha:
+            # RPO: the chosen answer's mean per-token NLL, so its likelihood is kept while the
+            # margin widens (TRL's rpo_alpha; per pair here, so micro-batches stay exact).
+            losses = losses + self.rpo_alpha * (-logps[:n] / counts[:n])
         return StepLoss(
             loss=losses.mean(),
             total=float(losses.detach().sum()),

@@ -180,7 +180,7 @@ def hyperparameters_from(cfg: Config, method: str = "supervised") -> dict[str, A
     own: dict[str, Any] = {}
     if method == "dpo":
         own = {"beta": t.dpo.beta, "loss_type": t.dpo.loss_type,
-               "label_smoothing": t.dpo.label_smoothing}
+               "label_smoothing": t.dpo.label_smoothing, "rpo_alpha": t.dpo.rpo_alpha}
     elif method == "kto":
         own = {"beta": t.kto.beta, "desirable_weight": t.kto.desirable_weight,
                "undesirable_weight": t.kto.undesirable_weight}
