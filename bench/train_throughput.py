@@ -56,18 +56,17 @@ forward under peft's `disable_adapter` (what TRL does with a PEFT model) stands 
 `plain loop (no TRL)`.
 
 `--suite ray` (needs `pip install -e '.[ray]'`): the same SFT job, as real jobs through
-`start_job`, on three backends: `local` (the child process, `--ray-cpus` torch threads), `ray 1
-worker` (one Ray Train worker with all `--ray-cpus` CPUs and as many threads) and `ray 2 workers`
-(two workers, half the CPUs each, every batch split between them and gradients all-reduced
-over gloo). Each contender has the same cores in total; the question is what the Ray path costs
-(or gains) at equal hardware, measured in the same run. The cluster is a `ray start --head`
-of `--ray-cpus` CPUs on loopback started for the run (or `--ray-address`). Throughput is the
-steady state read from the job's own metric rows: non-pad tokens between the first and the
-last row over the seconds between them (the first step, with its one-off costs, is outside);
-`startup` is job start → first metric row (process, Ray, workers, model load), `wall` is
-job start → succeeded. On one machine the all-reduce is cheap but two workers each run
-single-threaded small matmuls: a gain is not expected on 2 cores, the figure says what the
-machinery costs. `all` runs the three suites above, not this one.
+`start_job`, on three backends, every training process with `--ray-threads` torch threads
+(default 1): `local` (the local backend's child process), `ray 1 worker` (one Ray Train worker:
+the Ray path at the same hardware as local) and `ray 2 workers` (two workers, every batch split
+between them, gradients all-reduced over gloo: the scale-out, with twice the cores). The
+cluster is a `ray start --head` with 2 × `--ray-threads` CPUs on loopback started for the run
+(or `--ray-address`). Throughput is the steady state read from each job's own metric rows:
+non-pad tokens between the first and the last row over the seconds between them (the first
+step, with its one-off costs, is outside); `startup` is job start → first metric row (process,
+Ray, workers, model load) and `wall` job start → succeeded. One thread per process because a
+second thread on a busy machine stalls at every op's barrier (see bench/README.md): with 2
+threads the local baseline swung 10× between runs. `all` runs the three suites above, not this.
 
 Each suite writes a JSON record to bench/results/ (gitignored) and prints a table.
 """
@@ -124,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "dpo: DPO vs TRL's DPOTrainer, with peak RSS per contender; ray: the local backend vs "
         "Ray Train with 1 and 2 workers; all: sft, pretrain and dpo",
     )
-    p.add_argument("--ray-cpus", type=int, default=2,
-                   help="ray: CPUs of the benchmark's Ray cluster, and each contender's total")
+    p.add_argument("--ray-threads", type=int, default=1,
+                   help="ray: torch threads (and Ray CPUs) per training process")
     p.add_argument("--ray-address", default="",
                    help="ray: an existing cluster (HOST:PORT) instead of a fresh local head")
     p.add_argument(
@@ -1183,12 +1182,13 @@ def ray_head(cpus: int) -> Any:
              "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={cpus}",
              "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
              "--object-store-memory=100000000", f"--temp-dir={temp}",
-             f"--ray-client-server-port={_free_port()}",
+             f"--dashboard-port={_free_port()}",
              f"--dashboard-agent-listen-port={_free_port()}",
              f"--dashboard-agent-grpc-port={_free_port()}",
              f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},  # no 30 s drain at the end
         )
     try:
         deadline = time.monotonic() + 120
@@ -1198,15 +1198,11 @@ def ray_head(cpus: int) -> Any:
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=30)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        proc.terminate()  # `ray start` alone: it drains and stops its processes (~3 s)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session
         # Anything of this cluster that left the group: its command line names the temp dir.
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) != os.getpid():
@@ -1243,7 +1239,11 @@ def run_job(ws: Any, dataset: Any, overrides: list[str]) -> dict[str, Any]:
 def suite_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
     steps = args.steps or (30 if args.model == "tiny" else 8)
     min_len = args.min_len or MIN_LEN["sft"]
-    cpus = args.ray_cpus
+    threads = args.ray_threads
+    # Ray sets OMP_NUM_THREADS to a worker's CPUs; the local child inherits this process's
+    # environment, where OpenMP would otherwise size its own pool to every core (measured: a
+    # local job ran 1.2x faster with it set). Same setting for all, so the ratio is Ray's.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     from evertune.models import load_tokenizer
 
     load_before = os.getloadavg()
@@ -1255,14 +1255,15 @@ def suite_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
         ws = make_workspace(scratch, base, args, steps)
         dataset = add_dataset(ws, scratch, "train.jsonl", records, tokenizer)
         with (contextlib.nullcontext(args.ray_address) if args.ray_address
-              else ray_head(cpus)) as address:
-            on_ray = ["train.backend=ray", f"train.ray.address={address}", "train.threads=0"]
+              else ray_head(2 * threads)) as address:
+            each = [f"train.threads={threads}"]
+            on_ray = [*each, "train.backend=ray", f"train.ray.address={address}",
+                      f"train.ray.cpus_per_worker={threads}"]
             contenders = {
-                "local": lambda: run_job(ws, dataset, [f"train.threads={cpus}"]),
-                "ray 1 worker": lambda: run_job(ws, dataset, [
-                    *on_ray, "train.ray.num_workers=1", f"train.ray.cpus_per_worker={cpus}"]),
-                "ray 2 workers": lambda: run_job(ws, dataset, [
-                    *on_ray, "train.ray.num_workers=2", f"train.ray.cpus_per_worker={cpus / 2}"]),
+                "local": lambda: run_job(ws, dataset, each),
+                "ray 1 worker": lambda: run_job(ws, dataset, [*on_ray, "train.ray.num_workers=1"]),
+                "ray 2 workers": lambda: run_job(ws, dataset, [*on_ray,
+                                                               "train.ray.num_workers=2"]),
             }
             runs = run_interleaved(contenders, args.repeats)
 
@@ -1280,7 +1281,7 @@ def suite_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
         }
     print(
         f"\nmodel {args.model} ({base.name}), {steps} steps × batch {args.batch_size}, "
-        f"{cpus} CPUs per contender (local: {cpus} threads; ray: {cpus} CPUs over the workers), "
+        f"{threads} torch thread(s) per training process, "
         f"load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}"
     )
     print(f"{'contender':15} {'tokens/s':>9} {'vs local':>9} {'startup':>8} {'wall':>7} "
@@ -1289,8 +1290,8 @@ def suite_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
         print(f"{name:15} {s['tokens_per_s']:9.0f} {s['vs_local']:8.2f}× "
               f"{s['startup_seconds']:7.1f}s {s['wall_seconds']:6.1f}s {s['final_loss']:7.4f}")
     write_record(args, argv, "ray", {
-        "steps": steps, "cpus": cpus, "machine": machine_info(load_before), "summary": summary,
-        "runs": runs,
+        "steps": steps, "threads_per_process": threads, "machine": machine_info(load_before),
+        "summary": summary, "runs": runs,
     })
 
 

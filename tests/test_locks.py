@@ -237,9 +237,9 @@ def test_the_deploy_lock_queues_holders_and_a_killed_holder_releases_it(
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with pytest.raises(LifecycleError, match="held the deploy lock for over 0.5 s"):
-            with _locked(ws, timeout=0.5):
-                pass
+        with (pytest.raises(LifecycleError, match="held the deploy lock for over 0.5 s"),
+              _locked(ws, timeout=0.5)):
+            pass
         holder.kill()  # kill -9 while holding it
         holder.wait()
         started = time.monotonic()

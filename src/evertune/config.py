@@ -98,6 +98,10 @@ class DpoArgs(_Args):
     SLiC; robust: sigmoid with label noise `label_smoothing` corrected (rDPO)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """The share of pairs assumed flipped (sigmoid and robust only)."""
+    rpo_alpha: float = Field(0.0, ge=0, le=100)
+    """Weight of the chosen answer's own loss (per-token NLL) added to the preference loss
+    (RPO, Pang et al. 2024; TRL's rpo_alpha). 0 = plain DPO. On pairs a model separates
+    easily DPO can push both answers down and generate badly; 1.0 keeps the chosen likely."""
 
 
 class KtoArgs(_Args):
@@ -114,6 +118,28 @@ class PretrainArgs(_Args):
     packing: bool = True
     """true: documents are concatenated into full blocks (attention never crosses a document
     boundary; no padding); false: one document per row, padded (slower, for comparison)."""
+
+
+class RayArgs(_Args):
+    """Where and how `train.backend: ray` trains: Ray Train's `TorchTrainer`, one process per
+    worker, each taking its share of every batch (DDP-style gradient all-reduce: gloo on CPU,
+    NCCL on GPU). Every worker opens the workspace, so its folder (job folders, datasets) must
+    be the same path on every node (one host, or a shared volume) and the state DB reachable."""
+
+    address: str = ""
+    """The cluster: "" = $RAY_ADDRESS when set (as `ray.init()` reads it; the Helm chart sets
+    it), else `local`; `local` = a Ray started for the job on this machine, ending with it;
+    `auto` = the cluster `ray start` runs on this machine; `HOST:PORT`, the head node's address
+    as `ray start --head` prints it; or `ray://HOST:10001` (Ray Client)."""
+    num_workers: int = Field(2, ge=1, le=4096)
+    """Training processes (ranks); a batch is split across them, the update is the same."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); false = CPU workers (gloo)."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves per worker; also each worker's torch threads when train.threads is 0."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts after a worker dies (each resumes from the newest checkpoint);
+    -1 = no limit, 0 = fail the job at the first worker death."""
 
 
 class TrainArgs(_Args):
@@ -151,6 +177,8 @@ class TrainArgs(_Args):
     threads: int = Field(0, ge=0)
     """CPU threads for torch; 0 = torch's default."""
     backend: Literal["local", "ray"] = "local"
+    """local: a child process on this machine; ray: Ray Train on a Ray cluster (`train.ray`)."""
+    ray: RayArgs = RayArgs()
     dpo: DpoArgs = DpoArgs()
     kto: KtoArgs = KtoArgs()
     pretrain: PretrainArgs = PretrainArgs()
@@ -261,7 +289,8 @@ class RegistryArgs(_Args):
     tracking_uri: str | None = None
     """MLflow tracking URI; default: SQLite inside the workspace's .evertune/ folder."""
     artifact_location: str | None = None
-    """Where MLflow stores version artifacts; default: .evertune/mlartifacts."""
+    """Where MLflow stores version artifacts; default: .evertune/mlartifacts, or with an
+    http(s) tracking_uri the server's --artifacts-destination (proxied to every host)."""
 
 
 class StorageArgs(_Args):

@@ -20,6 +20,12 @@ metrics every `log_every` steps, validation at `eval_every` (or each epoch end),
 every `checkpoint_every` steps, and the final status. Hyperparameters come from the job's
 config snapshot, never from the current evertune.yaml, so a resumed job trains exactly what
 it started training.
+
+The same loop runs as one of several processes under `train.backend: ray`
+(`evertune.training.ray_run`: Ray Train starts them and initialises torch.distributed): each
+rank takes its share of every planned batch, and `Ranks` sums gradients, counts and loss
+totals over them, so the update and the metric rows are the single process's. Rank 0 alone
+writes (events, metric rows, checkpoints, the result) and reads the stop request for all.
 """
 
 from __future__ import annotations
@@ -113,13 +119,15 @@ class Setup:
     base_path: Path
     tokenizer: PreTrainedTokenizerBase
     dataset: DatasetVersion
+    main: bool = True  # rank 0 (or the only process): the one that writes events
 
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
     def event(self, message: str, level: str = "info") -> None:
-        record_event(self.ws, self.job.id, message, level)  # type: ignore[arg-type]
+        if self.main:  # every rank builds the same units: one of them says so
+            record_event(self.ws, self.job.id, message, level)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -250,39 +258,186 @@ def micro_batch_units(recipe: Recipe, batch_size: int, micro_batch_size: int) ->
     return max(1, batch_size // recipe.sequences_per_unit)
 
 
+class Ranks:
+    """This process's place among a job's training processes: rank 0 of 1 for the local
+    backend; under `train.backend: ray` Ray Train starts `world` processes and initialises
+    torch.distributed (gloo on CPU, NCCL on GPU) before the recipe runs.
+
+    Gradients are summed with explicit all-reduces rather than by wrapping the model in
+    DistributedDataParallel: a rank whose share of a short batch is empty (the last batch of
+    an epoch, or batch_size < world) still takes part, the model and what it saves stay
+    unwrapped, and the division by the batch's total count stays in `forward_backward`. The
+    price is no overlap of communication with the backward pass: small for LoRA's few weights.
+    """
+
+    BUCKET = 1 << 24  # elements per all-reduce (64 MB of fp32): bounds the extra memory
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.rank = self.dist.get_rank() if self.dist else 0
+        self.world = self.dist.get_world_size() if self.dist else 1
+        self._keys: list[str] | None = None  # the recipe's metric names, agreed once
+
+    def __repr__(self) -> str:
+        return f"Ranks(rank={self.rank}, world={self.world})"
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes events, metric rows, checkpoints and the result."""
+        return self.rank == 0
+
+    def _device(self) -> Any:
+        import torch
+
+        assert self.dist is not None
+        if self.dist.get_backend() == "nccl":  # NCCL reduces only GPU tensors
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def share(self, units: Sequence[Any]) -> Sequence[Any]:
+        """This rank's contiguous part of a batch (sizes differ by at most one; may be empty)."""
+        n, w, r = len(units), self.world, self.rank
+        start = r * (n // w) + min(r, n % w)
+        return units[start : start + n // w + (1 if r < n % w else 0)]
+
+    def same(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a stop request, the checkpoint to resume from)."""
+        if self.dist is None:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0, device=self._device())
+        return box[0]
+
+    @contextlib.contextmanager
+    def main_first(self) -> Any:
+        """Rank 0 runs the block before the others do: what it caches in the job or workspace
+        folder (reference log-probs, replay answers) the others then read instead of racing
+        it. (A long wait counts against the process group's timeout: ray_run.PG_TIMEOUT_S.)"""
+        if self.dist is not None and not self.main:
+            self.dist.barrier()
+        try:
+            yield
+        finally:
+            if self.dist is not None and self.main:
+                self.dist.barrier()
+
+    def sum_window(self, sums: _Window) -> _Window:
+        """Loss totals, counts, tokens and the recipe's metric sums, summed over the ranks."""
+        import torch
+
+        if self.dist is None:
+            return sums
+        if self._keys is None:  # the first call, on every rank at once: agree on the names
+            names: list[Any] = [None] * self.world
+            self.dist.all_gather_object(names, sorted(sums.metrics))
+            self._keys = sorted(set().union(*names))
+        assert set(sums.metrics) <= set(self._keys), (
+            f"the recipe's metrics changed during training: {sorted(sums.metrics)} vs {self._keys}"
+        )
+        values = torch.tensor(
+            [sums.total, sums.count, sums.tokens, sums.positions,
+             *(sums.metrics.get(k, 0.0) for k in self._keys)],
+            dtype=torch.float64,  # exact for counts below 2**53, as Python's sums are
+            device=self._device(),
+        )
+        self.dist.all_reduce(values)
+        v = values.tolist()
+        return _Window(total=v[0], count=round(v[1]), tokens=round(v[2]), positions=round(v[3]),
+                       metrics=dict(zip(self._keys, v[4:], strict=True)))
+
+    def sum_grads(self, params: Sequence[Any]) -> None:
+        """Sum the gradients over the ranks, in place. A parameter no rank has a gradient for
+        keeps None, as in one process (AdamW skips it; a zero gradient would still move it)."""
+        import torch
+
+        assert self.dist is not None
+        had = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                           device=self._device())
+        self.dist.all_reduce(had)
+        live = [p for p, n in zip(params, had.tolist(), strict=True) if n]
+        for p in live:
+            if p.grad is None:  # this rank's share was empty
+                p.grad = torch.zeros_like(p)
+        self._reduce([p.grad for p in live], broadcast=False)
+
+    def same_weights(self, params: Sequence[Any]) -> None:
+        """Rank 0's values of `params` on every rank (they start equal from the same seed or
+        checkpoint; this makes sure, once, before the first step)."""
+        if self.dist is not None:
+            self._reduce([p.data for p in params], broadcast=True)
+
+    def _reduce(self, tensors: list[Any], broadcast: bool) -> None:
+        """All-reduce (sum) or broadcast from rank 0 `tensors` in place, a bucket at a time."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        assert self.dist is not None
+        groups: dict[Any, list[Any]] = {}
+        for t in tensors:
+            groups.setdefault((t.dtype, t.device), []).append(t)
+        for group in groups.values():
+            start = 0
+            while start < len(group):
+                bucket: list[Any] = []
+                size = 0
+                while start < len(group) and (not bucket or size + group[start].numel()
+                                              <= self.BUCKET):
+                    bucket.append(group[start])
+                    size += group[start].numel()
+                    start += 1
+                flat = _flatten_dense_tensors(bucket)
+                if broadcast:
+                    self.dist.broadcast(flat, src=0)
+                else:
+                    self.dist.all_reduce(flat)
+                for t, new in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                    t.copy_(new)
+
+
 def forward_backward(
     model: Any, recipe: Recipe, units: Sequence[Any], micro: int, pad_id: int, device: Any,
-    trainable: Sequence[Any],
+    trainable: Sequence[Any], ranks: Ranks | None = None,
 ) -> StepLoss:
     """Forward and backward of one batch, `micro` units per pass; returns the batch's StepLoss.
 
     The gradient equals one pass over the whole batch: each pass back-propagates its loss
     *sum* (`loss × count`) and the summed gradients are divided by the batch's count at the
-    end (a per-pass mean would weight a short pass like a long one)."""
-    if micro >= len(units):
+    end (a per-pass mean would weight a short pass like a long one). With several `ranks`
+    each runs its share of the batch that way, and the gradient sums, counts and loss totals
+    are summed over the ranks before the division: the same gradient, on every rank."""
+    import torch
+
+    shared = ranks is not None and ranks.world > 1
+    if not shared and micro >= len(units):
         out = recipe.loss(model, recipe.collate(units, pad_id, device))
         out.loss.backward()
         return out
+    mine = ranks.share(units) if ranks is not None and shared else units
     outs = []
-    for i in range(0, len(units), micro):
-        out = recipe.loss(model, recipe.collate(units[i : i + micro], pad_id, device))
+    for i in range(0, len(mine), micro):
+        out = recipe.loss(model, recipe.collate(mine[i : i + micro], pad_id, device))
         (out.loss * out.count).backward()
         outs.append(out)
-    count = sum(o.count for o in outs)
+    sums = _Window()
+    for o in outs:
+        sums.add(o)
+    if ranks is not None and shared:
+        sums = ranks.sum_window(sums)
+        ranks.sum_grads(trainable)
+        loss = torch.tensor(sums.total / max(sums.count, 1))
+    else:
+        loss = sum(o.loss.detach() * o.count for o in outs) / max(sums.count, 1)  # type: ignore[assignment]
     for p in trainable:
         if p.grad is not None:
-            p.grad.div_(max(count, 1))
-    metrics: dict[str, float] = {}
-    for o in outs:
-        for key, value in o.metrics.items():
-            metrics[key] = metrics.get(key, 0.0) + value
+            p.grad.div_(max(sums.count, 1))
     return StepLoss(
-        loss=sum(o.loss.detach() * o.count for o in outs) / max(count, 1),  # type: ignore[arg-type]
-        total=sum(o.total for o in outs),
-        count=count,
-        tokens=sum(o.tokens for o in outs),
-        positions=sum(o.positions for o in outs),
-        metrics=metrics,
+        loss=loss,
+        total=sums.total,
+        count=sums.count,
+        tokens=sums.tokens,
+        positions=sums.positions,
+        metrics=sums.metrics,
     )
 
 
@@ -509,30 +664,34 @@ def run_recipe(ws: Workspace, job_id: str, recipe: Recipe) -> TrainResult:
             "(start it with start_job)"
         )
     result = TrainResult(job=job)
+    ranks = Ranks()
     stop_on_sigterm = _install_sigterm()
     try:
-        _train(ws, job, recipe, result)
+        _train(ws, job, recipe, result, ranks)
     except _Stop as stop:
-        _finish_stopped(ws, job_id, stop.reason, result)
-    except EvertuneError as exc:
+        if ranks.main:
+            _finish_stopped(ws, job_id, stop.reason, result)
+    except EvertuneError as exc:  # bad data or model: every rank finds it in its setup
         code = {DataError: "bad_dataset", ModelError: "bad_model"}.get(type(exc), "invalid_job")
-        _fail(ws, job_id, code, str(exc))
-    except MemoryError:
-        _fail(ws, job_id, "out_of_memory", _oom_message(job))
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+        if ranks.main:
+            _fail(ws, job_id, code, str(exc))
+    except Exception as exc:
+        if ranks.world > 1:
+            # One rank's failure must end them all (the others wait in a collective): Ray
+            # Train tears the worker group down and restarts it from the newest checkpoint
+            # (train.ray.max_failures), or its driver marks the job failed (ray_run).
+            raise
+        if is_oom(exc):
             _fail(ws, job_id, "out_of_memory", _oom_message(job))
         else:
             _fail(ws, job_id, "internal", _internal_message(job_id, exc))
-    except Exception as exc:
-        _fail(ws, job_id, "internal", _internal_message(job_id, exc))
     finally:
         stop_on_sigterm()
     result.job = get_job(ws, job_id)
     return result
 
 
-def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None:
+def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult, ranks: Ranks) -> None:
     import torch
 
     from evertune.data.store import get_dataset
@@ -553,8 +712,10 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
     base_path = resolve_base_model(cfg.model.base, ws.models_dir)
     tokenizer = load_tokenizer(base_path)
     pad_id = int(tokenizer.pad_token_id)
-    setup = Setup(ws, job, cfg, folder, base_path, tokenizer, get_dataset(ws, job.training_file))
-    units = recipe.units(setup)
+    setup = Setup(ws, job, cfg, folder, base_path, tokenizer, get_dataset(ws, job.training_file),
+                  main=ranks.main)
+    with ranks.main_first():  # rank 0 writes any cache (replay answers), the others read it
+        units = recipe.units(setup)
     if not units.train:
         raise DataError(
             f"dataset {setup.dataset.id} has no training {units.what} that fit "
@@ -571,9 +732,10 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
     parent_path = _parent_path(ws, job, base_path) if job.parent else None
     model, kind = build_model(ws, job, cfg, base_path, parent_path=parent_path)
     device = next(model.parameters()).device  # load_model put it on the GPU if there is one
-    ckpt = newest_checkpoint(folder)
+    ckpt = ranks.same(newest_checkpoint(folder))  # all ranks resume from rank 0's choice
     t0 = time.perf_counter()
-    recipe.prepare(setup, model, units, resumed=ckpt is not None)
+    with ranks.main_first():  # rank 0 computes and caches (reference log-probs), others read
+        recipe.prepare(setup, model, units, resumed=ckpt is not None)
     result.prepare_seconds = time.perf_counter() - t0
     val_sorted = sorted(units.val, key=unit_length)  # similar lengths together: least padding
     val_batches = [
@@ -603,22 +765,30 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
         setup.event(
             f"Resumed from checkpoint step {step} (epoch {start_epoch + 1}, batch {next_batch})"
         )
-    for leftover in (folder / "checkpoints").glob("*.tmp"):  # a checkpoint write that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
+    ranks.same_weights(trainable)
+    if not ranks.main:  # dropout masks: each rank its own stream (rank 0 keeps the saved one)
+        torch.manual_seed(t.seed + 1_000_003 * ranks.rank + step)
+    if ranks.main:
+        for leftover in (folder / "checkpoints").glob("*.tmp"):  # a killed checkpoint write
+            shutil.rmtree(leftover, ignore_errors=True)
     n_trainable = sum(p.numel() for p in trainable)
-    record_event(
-        ws,
-        job.id,
-        f"Training {kind} {job.method} ({n_trainable:,} trainable parameters) on "
-        f"{len(units.train)} {units.what}: {t.n_epochs} epochs × {steps_per_epoch} steps, "
-        f"batch {t.batch_size}"
-        + (f" in passes of {micro}" if micro < t.batch_size else "")
-        + f", {t.batching}",
-        data={"trainable_parameters": n_trainable, "total_steps": total_steps, "kind": kind,
-              "method": job.method},
-    )
+    if ranks.main:
+        record_event(
+            ws,
+            job.id,
+            f"Training {kind} {job.method} ({n_trainable:,} trainable parameters) on "
+            f"{len(units.train)} {units.what}: {t.n_epochs} epochs × {steps_per_epoch} steps, "
+            f"batch {t.batch_size}"
+            + (f" in passes of {micro}" if micro < t.batch_size else "")
+            + (f", split over {ranks.world} ranks" if ranks.world > 1 else "")
+            + f", {t.batching}",
+            data={"trainable_parameters": n_trainable, "total_steps": total_steps, "kind": kind,
+                  "method": job.method} | ({"ranks": ranks.world} if ranks.world > 1 else {}),
+        )
 
     def checkpoint(metrics: dict[str, Any]) -> None:
+        if not ranks.main:
+            return
         t0 = time.perf_counter()
         pos_epoch, pos_batch = (epoch + 1, 0) if next_batch >= len(batches) else (epoch, next_batch)
         state = {
@@ -656,17 +826,18 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
             return {}
         t0 = time.perf_counter()
         values: dict[str, Any] = {
-            **validate(model, recipe, val_batches),
+            **validate(model, recipe, val_batches, ranks),
             "epoch": epoch_f,
             "total_steps": total_steps,
         }
-        record_metrics(ws, job.id, step, values)
-        record_event(
-            ws,
-            job.id,
-            f"Step {step}/{total_steps}: validation loss={values['val_loss']:.4f}",
-            data={"type": "metrics", **values},
-        )
+        if ranks.main:
+            record_metrics(ws, job.id, step, values)
+            record_event(
+                ws,
+                job.id,
+                f"Step {step}/{total_steps}: validation loss={values['val_loss']:.4f}",
+                data={"type": "metrics", **values},
+            )
         result.eval_seconds += time.perf_counter() - t0
         return values
 
@@ -686,7 +857,8 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
             assert len(batches) == steps_per_epoch, "the batch plan changed under a resumed job"
             # A resumed job skips the batches of this epoch it already trained on.
             for b in range(next_batch, len(batches)):
-                reason = stop_requested(ws, job.id)
+                # Rank 0 reads the request and tells the others: all stop at the same step.
+                reason = ranks.same(stop_requested(ws, job.id) if ranks.main else None)
                 if reason:
                     raise _Stop(reason)
                 lr = lr_at(step, total_steps, t.warmup_steps, t.learning_rate)
@@ -694,7 +866,8 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
                     group["lr"] = lr
 
                 picked = [units.train[i] for i in batches[b]]
-                out = forward_backward(model, recipe, picked, micro, pad_id, device, trainable)
+                out = forward_backward(model, recipe, picked, micro, pad_id, device, trainable,
+                                       ranks)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, t.max_grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -709,7 +882,7 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
                 window.add(out)
                 epoch_f = epoch + (b + 1) / len(batches)
 
-                if step % t.log_every == 0 or step == total_steps:
+                if ranks.main and (step % t.log_every == 0 or step == total_steps):
                     now = time.perf_counter()
                     excluded = result.eval_seconds + result.checkpoint_seconds
                     window_s = now - t_window - (excluded - excluded_at_window)
@@ -741,7 +914,7 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
         # Keep what was learned since the last checkpoint, so resume_job loses nothing.
         newest = newest_checkpoint(folder)
         if step > steps_at_start and (newest is None or newest.name != f"step-{step}"):
-            checkpoint(last)
+            checkpoint(last)  # rank 0's; the others only stop
         raise
     finally:
         result.train_seconds = (
@@ -749,7 +922,8 @@ def _train(ws: Workspace, job: Job, recipe: Recipe, result: TrainResult) -> None
         )
         result.trained_tokens = trained_tokens
 
-    _save_result(setup, model, kind, step, trained_tokens, last, _stages(job, parent_path))
+    if ranks.main:
+        _save_result(setup, model, kind, step, trained_tokens, last, _stages(job, parent_path))
 
 
 @dataclass
@@ -775,17 +949,23 @@ class _Window:
         return {"train_loss": self.total / n} | {k: v / n for k, v in self.metrics.items()}
 
 
-def validate(model: Any, recipe: Recipe, batches: list[Batch]) -> dict[str, float]:
+def validate(
+    model: Any, recipe: Recipe, batches: list[Batch], ranks: Ranks | None = None
+) -> dict[str, float]:
     """The recipe's loss over validation batches (dropout off): val_loss, val_perplexity
-    (where the loss is a cross-entropy) and `val_<metric>` for the recipe's own metrics."""
+    (where the loss is a cross-entropy) and `val_<metric>` for the recipe's own metrics.
+    With several `ranks` each scores every world-th batch and the sums are added up."""
     import torch
 
     model.eval()
     window = _Window()
+    mine = batches if ranks is None else batches[ranks.rank :: ranks.world]
     with torch.no_grad():
-        for batch in batches:
+        for batch in mine:
             window.add(recipe.loss(model, batch))
     model.train()
+    if ranks is not None:
+        window = ranks.sum_window(window)
     means = window.means()
     values = {"val_loss": means.pop("train_loss")}
     if recipe.method in ("supervised", "pretrain"):
@@ -834,7 +1014,7 @@ def _save_result(
             max_seq_len=cfg.data.max_seq_len,
             dtype=cfg.model.dtype,
             dataset=job.training_file,
-            replay=cfg.data.replay if job.method == "supervised" else 0.0,
+            replay=cfg.data.replay if job.method in ("supervised", "pretrain") else 0.0,
             stages=stages,
         ).to_dict(),
     }
@@ -862,6 +1042,14 @@ def _stages(job: Job, parent_path: Path | None) -> list[dict[str, Any]]:
         with contextlib.suppress(EvertuneError, OSError, ValueError):
             earlier = list(read_facts(parent_path).stages)
     return earlier + [{"method": job.method, "dataset": job.training_file, "job": job.id}]
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether `exc` says the process (or its GPU) ran out of memory."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError)
+        and ("out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError")
+    )
 
 
 def _oom_message(job: Job) -> str:

@@ -5,6 +5,8 @@
 Reads JOB_DIR/job.json (written by `start_job`: workspace root, job id, config overrides),
 opens the workspace for its state DB and paths, and runs the job's recipe. The recipe reads
 its hyperparameters from the job's config snapshot, not from the current evertune.yaml.
+With `train.backend: ray` this process is the driver instead: the recipe runs on the Ray
+cluster's workers (`evertune.training.ray_run.drive`), and this process waits for them.
 Exit status: 0 succeeded or cancelled, 1 failed, 2 the job folder is unusable.
 """
 
@@ -66,13 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
     import traceback
 
+    ray = job.config.get("train", {}).get("backend") == "ray"
     print(
-        f"[evertune] job {job_id}: {job.method} on {job.model} (dataset {job.training_file})",
+        f"[evertune] job {job_id}: {job.method} on {job.model} (dataset {job.training_file})"
+        + (" on Ray Train" if ray else ""),
         flush=True,
     )
     try:
-        recipe = getattr(importlib.import_module(module), func)
-        result = recipe(ws, job_id)
+        if ray:
+            from evertune.training.ray_run import drive, last_step
+
+            final = drive(ws, job_id, Path(args[0]))
+            step = last_step(ws, job_id)
+        else:
+            recipe = getattr(importlib.import_module(module), func)
+            result = recipe(ws, job_id)
+            final, step = result.job, result.step
     except BaseException as exc:
         # The recipe reports its own failures; this catches what escapes it (a broken
         # install, an import error) so the job says why instead of "process died".
@@ -82,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 ws, job_id, "internal", f"{type(exc).__name__}: {exc} (see {args[0]}/train.log)"
             )
         return 1
-    final = result.job
     print(
-        f"[evertune] job {job_id} {final.status} at step {result.step}"
+        f"[evertune] job {job_id} {final.status} at step {step}"
         + (f": {final.error}" if final.error else ""),
         flush=True,
     )
