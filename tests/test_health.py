@@ -74,7 +74,7 @@ def test_healthz_degrades_with_the_reason_when_the_bucket_folder_is_deleted(
     with caplog.at_level(logging.ERROR), TestClient(create_app(ws, serving=False)) as client:
         assert health(client, "ok") == {
             "status": "ok", "problems": [], "workspace": str(ws.root),
-            "model": ws.config.model.name,
+            "model": ws.config.model.name, "role": "single", "replica": None,
         }
         shutil.rmtree(folder)
         body = health(client, "degraded")

@@ -6,11 +6,11 @@
     from evertune import migrations
     migrations.upgrade(engine)     # what db.connect does for every process that opens the DB
 
-Every table lives in `evertune.db`; each change to them is a revision under `versions/`
-(write it by hand, or let Alembic draft it: `alembic.autogenerate.compare_metadata` against a
-database at head lists what changed). Revision 0001 also adopts a state DB made before
-migrations existed: it creates the tables that are missing and adds missing nullable columns,
-never touching rows.
+Every table lives in `evertune.db`; each change to them is a revision under `versions/` whose
+`upgrade(op)` takes Alembic's `Operations` (write it by hand, or let Alembic draft the ops:
+`alembic.autogenerate.compare_metadata` against a database at head lists what changed).
+Revision 0001 also adopts a state DB made before migrations existed: it creates the tables
+that are missing and adds missing nullable columns, never touching rows.
 
 Several processes may open one database at once (replicas of `evertune up`, a training child,
 the CLI), so the upgrade runs under a lock: a Postgres advisory lock (across hosts), or a file
@@ -20,15 +20,13 @@ lock beside a SQLite file. A database already at head costs one SELECT and no Al
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, inspect, text
 
-if TYPE_CHECKING:
-    from alembic.config import Config
-
+_THREADS = threading.Lock()  # one Alembic run at a time in this process (see upgrade)
 HEAD = "0001"  # the newest revision under versions/ (tests/test_migrations.py checks it)
 VERSION_TABLE = "alembic_version"
 # Postgres advisory lock key of the upgrade: any 64-bit number unique among the database's
@@ -57,23 +55,34 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
         was = "?"
     if was == HEAD and revision == "head":
         return was
-    with _migration_lock(engine) as conn:
+    # Alembic's `context` is one module-level proxy per process: two threads migrating at once
+    # (two workspaces opened by a server's threads) would clobber each other's.
+    with _THREADS, _migration_lock(engine) as conn:
         was = _current(conn)  # another process may have migrated while we waited
         if was != HEAD or revision != "head":
-            from alembic import command
-
-            cfg = _alembic_config(conn)
-            command.upgrade(cfg, revision)
+            _run(conn, revision)
         return was
 
 
-def _alembic_config(conn: Connection) -> Config:
-    from alembic.config import Config
+def _run(conn: Connection, revision: str) -> None:
+    """Apply the revisions after the database's, oldest first, each stamped when done.
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent))
-    cfg.attributes["connection"] = conn
-    return cfg
+    Alembic's usual runner (`command.upgrade` + env.py) works through module-level proxies
+    (`alembic.context`, `alembic.op`) shared by the whole process, and MLflow migrates its own
+    database with Alembic in the same processes (sometimes in a background thread): the two
+    would clobber each other's proxies. So each revision gets its `Operations` passed in."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(Path(__file__).parent))
+    ctx = MigrationContext.configure(conn)
+    ops = Operations(ctx)
+    target = "heads" if revision == "head" else revision
+    todo = list(script.iterate_revisions(target, ctx.get_current_revision()))
+    for rev in reversed(todo):  # iterate_revisions goes newest first
+        rev.module.upgrade(ops)
+        ctx.stamp(script, rev.revision)
 
 
 @contextlib.contextmanager

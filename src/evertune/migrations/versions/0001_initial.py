@@ -10,7 +10,7 @@ NULL), and nothing is dropped or rewritten.
 from __future__ import annotations
 
 import sqlalchemy as sa
-from alembic import op
+from alembic.operations import Operations
 
 revision = "0001"
 down_revision = None
@@ -18,7 +18,7 @@ branch_labels = None
 depends_on = None
 
 
-def _table(name: str, *elements: sa.schema.SchemaItem) -> None:
+def _table(op: Operations, name: str, *elements: sa.schema.SchemaItem) -> None:
     """Create table `name`, or add the nullable columns an older copy of it lacks."""
     inspector = sa.inspect(op.get_bind())
     if not inspector.has_table(name):
@@ -36,14 +36,16 @@ def _table(name: str, *elements: sa.schema.SchemaItem) -> None:
             batch.add_column(column)
 
 
-def _index(name: str, table: str, columns: list[str], unique: bool = False) -> None:
+def _index(
+    op: Operations, name: str, table: str, columns: list[str], unique: bool = False
+) -> None:
     inspector = sa.inspect(op.get_bind())
     if name not in {ix["name"] for ix in inspector.get_indexes(table)}:
         op.create_index(name, table, columns, unique=unique)
 
 
-def upgrade() -> None:
-    _table('audit',
+def upgrade(op: Operations) -> None:
+    _table(op, 'audit',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.Column('model', sa.String(length=128), nullable=False),
@@ -56,8 +58,8 @@ def upgrade() -> None:
         sa.Column('data', sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index('ix_audit_model_version', 'audit', ['model', 'version'], unique=False)
-    _table('drift_checks',
+    _index(op, 'ix_audit_model_version', 'audit', ['model', 'version'], unique=False)
+    _table(op, 'drift_checks',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.Column('model', sa.String(length=128), nullable=False),
@@ -75,8 +77,8 @@ def upgrade() -> None:
         sa.Column('signals', sa.JSON(), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index('ix_drift_checks_model_created_at', 'drift_checks', ['model', 'created_at'])
-    _table('jobs',
+    _index(op, 'ix_drift_checks_model_created_at', 'drift_checks', ['model', 'created_at'])
+    _table(op, 'jobs',
         sa.Column('id', sa.String(length=64), nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.Column('started_at', sa.Float(), nullable=True),
@@ -97,8 +99,8 @@ def upgrade() -> None:
         sa.Column('run_id', sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index('ix_jobs_run_id', 'jobs', ['run_id'], unique=False)
-    _table('locks',
+    _index(op, 'ix_jobs_run_id', 'jobs', ['run_id'], unique=False)
+    _table(op, 'locks',
         sa.Column('name', sa.String(length=64), nullable=False),
         sa.Column('token', sa.String(length=64), nullable=False),
         sa.Column('host', sa.String(length=255), nullable=False),
@@ -108,7 +110,7 @@ def upgrade() -> None:
         sa.Column('heartbeat_at', sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint('name')
     )
-    _table('request_log',
+    _table(op, 'request_log',
         sa.Column('id', sa.String(length=64), nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.Column('model', sa.String(length=160), nullable=False),
@@ -128,8 +130,8 @@ def upgrade() -> None:
         sa.Column('receiver', sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index('ix_request_log_created_at', 'request_log', ['created_at'], unique=False)
-    _table('served_responses',
+    _index(op, 'ix_request_log_created_at', 'request_log', ['created_at'], unique=False)
+    _table(op, 'served_responses',
         sa.Column('id', sa.String(length=64), nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
         sa.Column('endpoint', sa.String(length=32), nullable=False),
@@ -141,8 +143,8 @@ def upgrade() -> None:
         sa.Column('receiver', sa.String(length=128), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index('ix_served_responses_created_at', 'served_responses', ['created_at'], unique=False)
-    _table('tokens',
+    _index(op, 'ix_served_responses_created_at', 'served_responses', ['created_at'], unique=False)
+    _table(op, 'tokens',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('name', sa.String(length=128), nullable=False),
         sa.Column('role', sa.String(length=16), nullable=False),
@@ -152,7 +154,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id'),
         sa.UniqueConstraint('sha256')
     )
-    _table('job_checkpoints',
+    _table(op, 'job_checkpoints',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('job_id', sa.String(length=64), nullable=False),
         sa.Column('step', sa.Integer(), nullable=False),
@@ -162,8 +164,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
         sa.PrimaryKeyConstraint('id')
     )
-    _index(op.f('ix_job_checkpoints_job_id'), 'job_checkpoints', ['job_id'], unique=False)
-    _table('job_events',
+    _index(op, op.f('ix_job_checkpoints_job_id'), 'job_checkpoints', ['job_id'], unique=False)
+    _table(op, 'job_events',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('job_id', sa.String(length=64), nullable=False),
         sa.Column('created_at', sa.Float(), nullable=False),
@@ -173,8 +175,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
         sa.PrimaryKeyConstraint('id')
     )
-    _index(op.f('ix_job_events_job_id'), 'job_events', ['job_id'], unique=False)
-    _table('job_metrics',
+    _index(op, op.f('ix_job_events_job_id'), 'job_events', ['job_id'], unique=False)
+    _table(op, 'job_metrics',
         sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
         sa.Column('job_id', sa.String(length=64), nullable=False),
         sa.Column('step', sa.Integer(), nullable=False),
@@ -183,8 +185,8 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ),
         sa.PrimaryKeyConstraint('id')
     )
-    _index(op.f('ix_job_metrics_job_id'), 'job_metrics', ['job_id'], unique=False)
-    _table('pipeline_runs',
+    _index(op, op.f('ix_job_metrics_job_id'), 'job_metrics', ['job_id'], unique=False)
+    _table(op, 'pipeline_runs',
         sa.Column('id', sa.String(length=64), nullable=False),
         sa.Column('model', sa.String(length=128), nullable=False),
         sa.Column('trigger', sa.JSON(), nullable=False),
@@ -196,8 +198,8 @@ def upgrade() -> None:
         sa.Column('version', sa.Integer(), nullable=True),
         sa.PrimaryKeyConstraint('id')
     )
-    _index(op.f('ix_pipeline_runs_model'), 'pipeline_runs', ['model'], unique=False)
-    _table('pipeline_steps',
+    _index(op, op.f('ix_pipeline_runs_model'), 'pipeline_runs', ['model'], unique=False)
+    _table(op, 'pipeline_steps',
         sa.Column('run_id', sa.String(length=64), nullable=False),
         sa.Column('name', sa.String(length=32), nullable=False),
         sa.Column('position', sa.Integer(), nullable=False),
@@ -212,7 +214,7 @@ def upgrade() -> None:
     )
 
 
-def downgrade() -> None:
+def downgrade(op: Operations) -> None:
     # The first revision: going below it means an empty database. Refused rather than
     # dropping every job, token and audit row.
     raise NotImplementedError("0001 is the first revision; back up and delete the state DB")
