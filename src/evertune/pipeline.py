@@ -83,7 +83,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from dbos import DBOS, SetEnqueueOptions, SetWorkflowID
 from pydantic import BaseModel, computed_field
 from sqlalchemy import (
-    Engine,
     insert,
     select,
     update,
@@ -127,10 +126,6 @@ class _Interrupted(BaseException):
 
 
 # -- state-DB tables ---------------------------------------------------------------------------
-
-def _engine(ws: Workspace) -> Engine:
-    return ws.engine
-
 
 # -- public read models ------------------------------------------------------------------------
 
@@ -257,7 +252,7 @@ def _steps_of(conn: Any, run_ids: list[str]) -> dict[str, list[StepRecord]]:
 def list_runs(ws: Workspace, limit: int = 50) -> list[Run]:
     """The newest runs first (all models of the workspace), each with its steps."""
     t = pipeline_runs
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         rows = conn.execute(select(t).order_by(t.c.created_at.desc()).limit(limit)).all()
         steps = _steps_of(conn, [r.id for r in rows])
     return [_row_to_run(r, steps[r.id]) for r in rows]
@@ -266,7 +261,7 @@ def list_runs(ws: Workspace, limit: int = 50) -> list[Run]:
 def find_run(ws: Workspace, run_id: str) -> Run | None:
     """The run with this id, or None."""
     t = pipeline_runs
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         row = conn.execute(select(t).where(t.c.id == run_id)).first()
         if row is None:
             return None
@@ -385,7 +380,7 @@ def _enqueue_queued(ws: Workspace) -> None:
     """Enqueue this model's runs recorded as queued (at launch): a retry queued while no
     pipeline ran, or a run whose enqueue a crash cut off. DBOS ignores ids it already has."""
     t = pipeline_runs
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         rows = conn.execute(
             select(t.c.id, t.c.trigger)
             .where(t.c.status == "queued", t.c.model == ws.config.model.name)
@@ -460,7 +455,7 @@ def launch(ws: Workspace, *, warm: bool = True, executor_id: str | None = None) 
                 f"the pipeline runtime already runs for workspace {_runtime.ws.root}; DBOS is one "
                 f"per process: call pipeline.shutdown() before launching it for {ws.root}"
             )
-        _engine(ws)  # create our tables before any workflow (a recovered one) writes to them
+        ws.engine  # noqa: B018 (opening it migrates the tables before a recovered workflow writes)
         ws.state_dir.mkdir(parents=True, exist_ok=True)
         if system_database_url(ws).startswith("sqlite"):
             # DBOS's system DB holds every run's trigger and step outputs: not for other users.
@@ -606,7 +601,7 @@ def start_run(ws: Workspace, trigger: dict[str, Any]) -> str:
         )
     run_id = run_id_for(trigger)
     model = ws.config.model.name
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         row = conn.execute(
             select(pipeline_runs.c.status).where(pipeline_runs.c.id == run_id)
         ).first()
@@ -638,7 +633,7 @@ def _insert_run(
     started_at: float | None,
 ) -> None:
     """The run's row and its four pending step rows, in one transaction."""
-    with _engine(ws).begin() as conn:
+    with ws.engine.begin() as conn:
         conn.execute(
             insert(pipeline_runs).values(
                 id=run_id,
@@ -665,7 +660,7 @@ def _insert_run(
 
 def run_status(ws: Workspace, run_id: str) -> str | None:
     """Just the status of a run (None if unknown): a cheap read for the watcher."""
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         return conn.execute(
             select(pipeline_runs.c.status).where(pipeline_runs.c.id == run_id)
         ).scalar()
@@ -727,7 +722,7 @@ class _StepContext:
 def _append_log(ws: Workspace, run_id: str, name: str, message: str, level: str = "info") -> None:
     t = pipeline_steps
     where = (t.c.run_id == run_id, t.c.name == name)
-    with _engine(ws).begin() as conn:
+    with ws.engine.begin() as conn:
         logs = conn.execute(select(t.c.logs).where(*where)).scalar() or []
         logs = [*logs, {"t": time.time(), "level": level, "message": message}][-MAX_LOG_LINES:]
         conn.execute(update(t).where(*where).values(logs=logs))
@@ -743,7 +738,7 @@ def _recorded(ws: Workspace, run_id: str, name: str) -> Iterator[_StepContext]:
     t = pipeline_steps
     where = (t.c.run_id == run_id, t.c.name == name)
     now = time.time()
-    with _engine(ws).begin() as conn:
+    with ws.engine.begin() as conn:
         row = conn.execute(select(t.c.attempts, t.c.started_at).where(*where)).first()
         attempts = (row.attempts if row else 0) + 1
         conn.execute(
@@ -807,7 +802,7 @@ def _reused(
     if not prev:
         return None
     t = pipeline_steps
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         row = conn.execute(
             select(t.c.status, t.c.outputs, t.c.started_at, t.c.finished_at)
             .where(t.c.run_id == str(prev), t.c.name == name)
@@ -1144,7 +1139,7 @@ def _job_event(ws: Workspace, job_id: str, message: str, level: str = "info") ->
 def _run_started(run_id: str, trigger: dict[str, Any]) -> None:
     ws = _run_ws(trigger)
     t = pipeline_runs
-    with _engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         row = conn.execute(select(t.c.started_at).where(t.c.id == run_id)).first()
     if row is None:  # enqueued without a row (a DBOS client in another process, a wiped table)
         _insert_run(ws, run_id, ws.config.model.name, trigger, "running", started_at=time.time())
@@ -1169,7 +1164,7 @@ def _run_finished(
 
     ws = _run_ws(trigger)
     status = "failed" if error else "skipped" if skipped else "succeeded"
-    with _engine(ws).begin() as conn:
+    with ws.engine.begin() as conn:
         conn.execute(
             update(pipeline_runs)
             .where(pipeline_runs.c.id == run_id)

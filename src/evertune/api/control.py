@@ -418,8 +418,7 @@ def count_active_runs(ws: Workspace) -> int:
     from evertune import pipeline
 
     t = pipeline.pipeline_runs
-    # pipeline._engine creates the runs table on first use (a fresh workspace has none yet).
-    with pipeline._engine(ws).connect() as conn:
+    with ws.engine.connect() as conn:
         return int(conn.execute(
             select(func.count()).select_from(t).where(t.c.status.in_(("queued", "running")))
         ).scalar_one())
