@@ -11,64 +11,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from evertune.registry import Registry
 from evertune.workspace import Workspace
-from tests.postgres import PostgresServer, free_port
-from tests.test_bucket import make_s3_bucket, moto_s3  # noqa: F401 (a fixture)
+from tests.postgres import free_port
 from tests.test_registry import HISTORY, make_job, make_report
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint(moto_s3: str) -> str:  # noqa: F811 (the imported fixture)
-    """moto's S3 server on loopback (tests/test_bucket.py's fixture)."""
-    return moto_s3
-
-
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(postgres: PostgresServer, moto_endpoint: str,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`mlflow server`: Postgres backend store, artifacts proxied to s3://team-models."""
-    make_s3_bucket(moto_endpoint, "team-models")
-    store = postgres.create_database("mlflow_store")
-    port = free_port()
-    log = tmp_path_factory.mktemp("mlflow") / "server.log"
-    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": moto_endpoint}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-             "--artifacts-destination", "s3://team-models/mlartifacts", "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start:\n" + log.read_text())
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_versions_live_on_an_mlflow_server_with_postgres_and_s3(

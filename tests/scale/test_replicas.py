@@ -8,56 +8,20 @@ DBOS and finishes it; exactly one version is registered.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from evertune.registry import Registry
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
-from tests.postgres import free_port
+from tests.scale.procs import health, start, stop, wait
 from tests.test_pipeline import PIPELINE_SETTINGS, tickets
 
 pytestmark = pytest.mark.slow
-
-
-def _up(ws: Workspace, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    # Slow steps so the kill lands mid-training (the tiny model trains in a second).
-    env = {**os.environ, "EVERTUNE_TEST_STEP_DELAY_S": "0.5"}
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "evertune.cli", "-w", str(ws.root), "up", "--no-serving",
-             "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ws.root,
-        )
-    return proc, port
-
-
-def _health(port: int) -> dict[str, Any] | None:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
-    except httpx.HTTPError:
-        return None
-
-
-def _wait(predicate: Any, timeout: float, what: str, logs: list[Path]) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n"
-                         + "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs))
 
 
 def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
@@ -71,13 +35,13 @@ def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
     procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     try:
         for name, log in zip("ab", logs, strict=True):
-            procs[name] = _up(ws, log)
-        health = {name: _wait(lambda p=port: (h := _health(p)) and h["status"] == "ok" and h,
+            procs[name] = start(ws, log, "up", "--no-serving")
+        status = {name: wait(lambda p=port: (h := health(p)) and h["status"] == "ok" and h,
                               240, f"replica {name} healthy", logs)
                   for name, (_, port) in procs.items()}
-        roles = sorted(h["role"] for h in health.values())
-        assert roles == ["follower", "leader"], health  # one watcher for the workspace
-        executors = {h["replica"]: name for name, h in health.items()}
+        roles = sorted(h["role"] for h in status.values())
+        assert roles == ["follower", "leader"], status  # one watcher for the workspace
+        executors = {h["replica"]: name for name, h in status.items()}
 
         drop = ws.root / ws.config.storage.bucket / "raw-data" / "tickets.jsonl"
         drop.write_bytes(tickets(40))
@@ -91,7 +55,7 @@ def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
                     "WHERE w.status = 'PENDING'")).first()
             return row[0] if row and row[0] in executors else None
 
-        victim = executors[_wait(running_on, 240, "a replica training the run", logs)]
+        victim = executors[wait(running_on, 240, "a replica training the run", logs)]
         proc, _ = procs.pop(victim)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
@@ -102,11 +66,11 @@ def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
                 rows = conn.execute(text("SELECT status FROM pipeline_runs")).scalars().all()
             return rows[0] if rows and rows[0] in ("succeeded", "failed") else None
 
-        assert _wait(finished, 300, "the run to finish on the survivor", logs) == "succeeded"
+        assert wait(finished, 300, "the run to finish on the survivor", logs) == "succeeded"
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM pipeline_runs")).scalar() == 1
         assert len(Registry(ws).list_versions()) == 1  # registered once, not per replica
-        survivor_health = _health(port)
+        survivor_health = health(port)
         assert survivor_health is not None and survivor_health["role"] == "leader"
         with engine.connect() as conn:  # DBOS handed the run to the survivor's executor
             (executor,) = conn.execute(text(
@@ -114,10 +78,4 @@ def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
                 "ON r.id = w.workflow_uuid")).scalars().all()
         assert executors.get(executor) == survivor, (executor, executors, victim)
     finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(proc for proc, _ in procs.values())

@@ -7,12 +7,9 @@ cluster that cannot run the job is a clear error at start.
 Most of that is Ray starting worker groups (controller, 2 workers importing torch and
 transformers: ~45 s each on that machine; the kill test starts two); the training is seconds.
 
-The module's cluster is `ray start --head --block` on loopback with 2 CPUs, its own temp dir
-and its own ports, run as a child in a new session: the teardown stops `ray start`, then
-kills what is left of that session's process group, so it ends exactly the Ray processes this
-module started (`ray stop` would end every Ray on the machine). `ray start` rather than
-`ray.init()` in a helper process because the jobs connect to it by address, as they would to
-a production cluster, and the address tests need one that answers.
+The module's cluster is `tests/ray_cluster.py`'s `ray_head()`: `ray start --head` on loopback
+with 2 CPUs, its own temp dir and ports; jobs connect to it by address, as they would to a
+production cluster.
 
 As in test_process.py, EVERTUNE_TEST_STEP_DELAY_S slows each step so a test can act mid-run;
 the driver passes EVERTUNE_* variables on to the workers (ray_run.PROPAGATE).
@@ -20,15 +17,10 @@ the driver passes EVERTUNE_* variables on to the workers (ray_run.PROPAGATE).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +41,7 @@ from evertune.training import (
 from evertune.training.harness import Ranks, Recipe, StepLoss, forward_backward
 from evertune.training.jobs import job_dir, newest_checkpoint, process_alive
 from evertune.workspace import Workspace
+from tests.ray_cluster import ray_head
 
 pytest.importorskip("ray", reason="needs Ray: pip install -e '.[dev]' (or '.[ray]')")
 
@@ -78,54 +71,8 @@ def wait_for(predicate, what: str, timeout: float = 90.0):
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The address of a 2-CPU Ray head on loopback, for this module's tests."""
-    # Short: Ray's unix socket paths live under the temp dir and must fit in 107 bytes.
-    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
-    port = free_port()
-    log = open(temp / "ray-start.log", "wb")  # noqa: SIM115 (open for the fixture's life)
-    ray = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats",
-         "--object-store-memory=100000000", f"--temp-dir={temp}",
-         f"--dashboard-port={free_port()}",  # its job API runs even without the dashboard
-         f"--dashboard-agent-listen-port={free_port()}",
-         f"--dashboard-agent-grpc-port={free_port()}",
-         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # No drain at SIGTERM: nothing here to hand over, and it would wait up to 30 s.
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
-             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
-    )
-    try:
-        wait_for(lambda: b"Ray runtime started" in (temp / "ray-start.log").read_bytes()
-                 or proc.poll() is not None, "the Ray head", timeout=120)
-        assert proc.poll() is None, (temp / "ray-start.log").read_text()
-        yield f"127.0.0.1:{port}"
-    finally:
-        # SIGTERM to `ray start` alone: it stops its processes (~3 s; killed first, they would
-        # leave it waiting for them).
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the session's group: whatever is left
-        # Anything of this cluster that left the group (its command line names the temp dir).
-        for pid in ours(temp):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def ours(temp: Path) -> list[int]:
-    """Pids of live processes whose command line names `temp` (this module's Ray cluster)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if str(temp).encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-    return found
+    with ray_head() as address:
+        yield address
 
 
 def on_ray(workspace: Workspace, address: str, *settings: str) -> Workspace:
