@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +89,11 @@ class PostgresServer:
     def stop(self) -> None:
         self._run("pg_ctl", "stop", "-m", "immediate", "-D", str(self.data), check=False)
 
-    def restart(self) -> None:
-        """Stop and start the same data folder (a database outage and its recovery)."""
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, stay down `down_s` seconds, start the same data folder again (a
+        database outage and its recovery)."""
         self._run("pg_ctl", "stop", "-m", "fast", "-D", str(self.data), check=False)
+        time.sleep(down_s)
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
                    f"-c unix_socket_directories={self.root} -c fsync=off "
                    "-c max_connections=200")

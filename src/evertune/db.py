@@ -10,8 +10,12 @@ SQLAlchemy Core rather than an ORM: the rows are plain records read by several p
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -34,6 +38,12 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 
 from evertune.errors import StorageError, as_storage_error
+
+log = logging.getLogger("evertune.db")
+
+# How long a server state DB may be unreachable before callers see the error (a restart or a
+# managed failover takes seconds to a minute or two).
+RECONNECT_S = 300.0
 
 metadata = MetaData()
 
@@ -269,8 +279,13 @@ def connect(url: str, *, migrate: bool = True) -> Engine:
     path = sqlite_path(url)
     if path is not None:
         create_private(path, "the state DB")
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    if url.startswith("sqlite"):
+    if not url.startswith("sqlite"):
+        # pre_ping: a pooled connection the server dropped (a restart, a failover) is replaced
+        # at checkout instead of failing the caller's next statement.
+        engine = create_engine(url, pool_pre_ping=True)
+        _ride_out_outages(engine)
+    else:
+        engine = create_engine(url, connect_args={"timeout": 30})
         # WAL lets the CLI read while a training child writes; the busy timeout covers the
         # short write locks between them.
         @event.listens_for(engine, "connect")
@@ -295,6 +310,37 @@ def connect(url: str, *, migrate: bool = True) -> Engine:
             raise
         raise storage from exc
     return engine
+
+
+def _ride_out_outages(engine: Engine, patience_s: float | None = None) -> None:
+    """Once the server has answered, a new connection that fails (the server restarting, a
+    failover) is retried for up to `patience_s` (default `RECONNECT_S`) before the caller sees
+    the error: a pipeline step following a job, or a training job writing its metrics, waits for
+    the database rather than failing a run that lost nothing. Before the first success an error
+    comes at once, so a wrong URL is still reported at start."""
+    patience = RECONNECT_S if patience_s is None else patience_s
+    reached = threading.Event()
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        deadline, delay, warned = time.monotonic() + patience, 0.2, False
+        while True:
+            try:
+                conn = dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as exc:
+                if not reached.is_set() or time.monotonic() > deadline:
+                    raise
+                if not warned:
+                    log.warning("the state DB does not answer (%s); retrying for up to %.0f s",
+                                " ".join(str(exc).split())[:200], patience)
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if warned:
+                log.warning("the state DB answers again")
+            reached.set()
+            return conn
 
 
 def server_error(url: str, exc: BaseException, setting: str = "storage.state_db") -> StorageError:

@@ -87,7 +87,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from evertune import db
 from evertune.db import pipeline_runs, pipeline_steps
@@ -1030,16 +1030,25 @@ def _follow(ws: Workspace, job_id: str, ctx: _StepContext) -> Any:
 
     t = db.job_metrics
     while True:
-        job = jobs.check_alive(ws, job_id)
-        if job.finished:
-            return job
-        with ws.engine.connect() as conn:
-            row = conn.execute(
-                select(t.c.step, t.c["values"])
-                .where(t.c.job_id == job_id)
-                .order_by(t.c.id.desc())
-                .limit(1)
-            ).first()
+        try:
+            job = jobs.check_alive(ws, job_id)
+            if job.finished:
+                return job
+            with ws.engine.connect() as conn:
+                row = conn.execute(
+                    select(t.c.step, t.c["values"])
+                    .where(t.c.job_id == job_id)
+                    .order_by(t.c.id.desc())
+                    .limit(1)
+                ).first()
+        except DBAPIError as exc:
+            # The server dropped the connection under this poll (a restart): the job trains on
+            # regardless; poll again (new connections wait for the server, db.RECONNECT_S).
+            if not exc.connection_invalidated:
+                raise
+            log.warning("%s: lost the state DB connection while following %s; polling again",
+                        ctx.run_id, job_id)
+            row = None
         if row is not None:
             v = row[1] or {}
             loss = v.get("train_loss")
