@@ -2,6 +2,8 @@
 
     python bench/pipeline_overhead.py                      # 3 drops into a local bucket (~2 min)
     python bench/pipeline_overhead.py --bucket s3 --runs 2 # the same through moto's S3 server
+    python bench/pipeline_overhead.py --stack --runs 2     # Postgres, MLflow server, S3 (~3 min)
+    python bench/pipeline_overhead.py --stack --ray --runs 2   # … and training on Ray (~5 min)
 
 What `evertune up` does, in one process on the tiny model (`evertune.testing.build_tiny_model`):
 the pipeline runtime (DBOS on SQLite) and the bucket watcher run; a JSON Lines file of 40
@@ -19,12 +21,17 @@ The runtime is warm, as in a server that has been up for a while: the run waits 
 launch-time warm-up (imports, MLflow store) before the first drop. The watcher polls every
 0.2 s with `trigger.settle_seconds: 0` (S3 never settles; a local folder's default 2 s
 settle time is a deliberate safety margin against half-written files and is reported apart).
+With --stack every engine is a server on loopback, as in the scale tests (started by the
+helpers under tests/): the state DB and DBOS on Debian's postgresql, the registry on an `mlflow
+server` (Postgres store, artifacts on S3), the bucket on moto's S3 server; --ray also trains
+on a local 2-CPU Ray head with 2 workers (`train.backend: ray`).
 Targets: overhead < 2 s, approve → PROD < 1 s. Writes a JSON record to bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -54,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="local",
         help="local folder (default) or s3:// on moto's server on loopback",
     )
+    p.add_argument(
+        "--stack",
+        action="store_true",
+        help="Postgres state DB, mlflow server and S3 bucket on loopback (implies s3)",
+    )
+    p.add_argument("--ray", action="store_true", help="with --stack: train.backend ray")
     p.add_argument("--poll", type=float, default=0.2, help="trigger.poll_seconds (default 0.2)")
     p.add_argument("--rows", type=int, default=40, help="records per drop (default 40)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the workspace here")
@@ -68,7 +81,9 @@ def tickets(n: int, tag: str) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-def make_workspace(root: Path, base: Path, bucket: str, poll: float) -> Any:
+def make_workspace(
+    root: Path, base: Path, bucket: str, poll: float, extra: dict[str, dict[str, Any]]
+) -> Any:
     from evertune.workspace import Workspace
 
     Workspace.init(root)
@@ -90,6 +105,8 @@ def make_workspace(root: Path, base: Path, bucket: str, poll: float) -> Any:
     raw["trigger"].update(poll_seconds=poll, settle_seconds=0)
     raw["deploy"]["auto_promote"] = True
     raw["deploy"]["system_tests"].update(max_prompts=2, max_new_tokens=8)
+    for section, values in extra.items():
+        raw[section].update(values)
     cfg_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return Workspace.open(root)
 
@@ -116,6 +133,37 @@ def start_moto() -> tuple[Any, str]:
     )
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
     return server, "s3://bench"
+
+
+def start_stack(stack: contextlib.ExitStack, scratch: Path, ray: bool) -> dict[str, Any]:
+    """Postgres, moto S3, an mlflow server (and a Ray head) on loopback; the workspace
+    settings that point at them. `stack` stops them all."""
+    sys.path.insert(0, str(ROOT))  # tests/ holds the engine starters the scale tests use
+    import boto3
+
+    from tests.mlflow_server import ARTIFACT_BUCKET, mlflow_server
+    from tests.postgres import PostgresServer
+
+    pg = stack.enter_context(PostgresServer())
+    moto, bucket = start_moto()
+    stack.callback(moto.stop)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+        Bucket=ARTIFACT_BUCKET
+    )
+    tracking = stack.enter_context(
+        mlflow_server(pg.create_database("mlflow"), endpoint, scratch / "mlflow-server.log")
+    )
+    extra: dict[str, Any] = {
+        "storage": {"bucket": bucket, "state_db": pg.create_database("evertune")},
+        "registry": {"tracking_uri": tracking},
+    }
+    if ray:
+        from tests.ray_cluster import ray_head
+
+        address = stack.enter_context(ray_head())
+        extra["train"] = {"backend": "ray", "ray": {"address": address, "num_workers": 2}}
+    return extra
 
 
 def measure_run(ws: Any, key: str, landed: float, run: Any) -> dict[str, Any]:
@@ -192,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     base = build_tiny_model(scratch / "tiny")
     moto = None
     bucket_url = "bucket"
-    if args.bucket == "s3":
+    engines = contextlib.ExitStack()
+    extra: dict[str, Any] = {}
+    if args.stack:
+        args.bucket = "s3"
+        extra = start_stack(engines, scratch, args.ray)
+        bucket_url = extra["storage"]["bucket"]
+    elif args.bucket == "s3":
         moto, bucket_url = start_moto()
-    ws = make_workspace(scratch / "ws", base, bucket_url, args.poll)
+    ws = make_workspace(scratch / "ws", base, bucket_url, args.poll, extra)
 
     t0 = time.time()
     pipeline.launch(ws)
@@ -245,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.shutdown()
         if moto is not None:
             moto.stop()
+        engines.close()
 
     overheads = [r["overhead_s"] for r in runs]
     # Only rollouts that ended in prod count (a rejection by the system tests ends earlier).
@@ -302,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "bucket": args.bucket,
+        "stack": ("postgres+mlflow-server+s3" + ("+ray" if args.ray else ""))
+        if args.stack
+        else None,
         "runs_requested": args.runs,
         "rows_per_drop": args.rows,
         "trigger": {"poll_seconds": args.poll, "settle_seconds": 0},
@@ -319,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "approvals": approvals,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"pipeline_overhead-{args.bucket}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    label = ("stack-ray" if args.ray else "stack") if args.stack else args.bucket
+    out = RESULTS / f"pipeline_overhead-{label}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT)}")
     return 0

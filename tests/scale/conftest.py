@@ -4,22 +4,14 @@ its own, so one module's leftovers (registered models, buckets) never meet anoth
 
 from __future__ import annotations
 
-import os
 import secrets
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from tests.postgres import PostgresServer, free_port
+from tests.mlflow_server import ARTIFACT_BUCKET, mlflow_server
+from tests.postgres import PostgresServer
 from tests.test_bucket import make_s3_bucket, moto_s3  # noqa: F401 (a fixture)
-
-# moto accepts any credentials; the variables must exist for boto3 to sign at all.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-          "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -28,39 +20,15 @@ def moto_endpoint(moto_s3: str) -> str:  # noqa: F811 (the imported fixture)
     return moto_s3
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(postgres: PostgresServer, moto_endpoint: str,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+@pytest.fixture(scope="module", name="mlflow_server")
+def mlflow_server_fixture(postgres: PostgresServer, moto_endpoint: str,
+                          tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`mlflow server`: Postgres backend store, artifacts proxied to s3://team-models."""
-    make_s3_bucket(moto_endpoint, "team-models")
+    make_s3_bucket(moto_endpoint, ARTIFACT_BUCKET)
     store = postgres.create_database("mlflow_" + secrets.token_hex(4))
-    port = free_port()
     log = tmp_path_factory.mktemp("mlflow") / "server.log"
-    env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": moto_endpoint}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
-             "--artifacts-destination", "s3://team-models/mlartifacts", "--serve-artifacts",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not start:\n" + log.read_text())
+    with mlflow_server(store, moto_endpoint, log) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")

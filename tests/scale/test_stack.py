@@ -27,7 +27,7 @@ from evertune.training import get_job
 from evertune.training.jobs import job_dir
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
-from tests.scale.conftest import S3_ENV
+from tests.mlflow_server import S3_ENV
 from tests.scale.procs import health, start, stop, wait
 from tests.test_bucket import make_s3_bucket
 from tests.test_pipeline import PIPELINE_SETTINGS, tickets
