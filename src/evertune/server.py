@@ -37,7 +37,7 @@ def create_app(
     leads; `on_lost` is called if it loses a lock it held."""
     from fastapi import FastAPI
 
-    from evertune.monitoring import metrics_router
+    from evertune.monitoring.metrics import PipelineCollector, metrics_router
     from evertune.serving import Gateway
 
     gateway = Gateway(ws, stages=stages) if serving else None
@@ -137,7 +137,9 @@ def create_app(
     if gateway is not None:
         app.include_router(gateway.router)
         app.state.gateway = gateway
-    app.include_router(metrics_router())
+    # Pipeline-run and job gauges where the control plane runs: a serving-only process has
+    # no business reading the pipeline tables on every scrape.
+    app.include_router(metrics_router(collectors=[PipelineCollector(ws)] if control else ()))
     return app
 
 
