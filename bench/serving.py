@@ -3,6 +3,7 @@
     python bench/serving.py                    # SmolLM2-135M-Instruct on CPU (~3 min on 2 cores)
     python bench/serving.py --model tiny       # the 2-layer test model (~30 s)
     python bench/serving.py --requests 48 --clients 8 --max-tokens 64
+    python bench/serving.py --scenario multi-lora --threads 1   # versions as adapters (~5 min)
 
 One process: a workspace whose base model is the benchmarked one, the real `Gateway` (engine
 `transformers`, `serve.max_batch_size` / `serve.batch_wait_ms` from the flags, defaults as in
@@ -19,8 +20,22 @@ evertune.yaml), served by uvicorn on a loopback port, and httpx clients in threa
    includes the HTTP round trip itself (client, loopback, uvicorn), measured separately with
    a no-op route and reported beside it. Target: < 5 ms per request.
 
+`--scenario multi-lora`: many versions served as LoRA adapters on one base in memory
+(`serve.merge_adapters: false|prod`). `--versions` (10) versions are made from random LoRA
+weights on the base (the configured `train.lora` shape: rank 16 on every linear layer) and
+registered.
+3. Memory. Resident memory (VmRSS, after gc) of a fresh serving process holding the base and
+   (a) one version as a merged copy (`serve.merge_adapters: true`, the default), (b) one
+   version as an adapter, (c) all `--versions` as adapters, each having answered one request.
+   Target: (c) ≤ 1.3× the smaller of (a) and (b).
+4. Throughput. `serve.merge_adapters: prod`, v1 in PROD (merged) and v2..v5 adapters. The same
+   `--requests` greedy streamed requests from `--clients` clients go to PROD (one merged
+   version), then round-robin to the 4 adapter versions (mixed batches), interleaved
+   `--repeats` times; output tokens/s, medians. Target: mixed ≥ 0.7× merged.
+
 The machine may be shared: figures move with other load on the CPU (the JSON record keeps
-the load average at start and end). Writes bench/results/serving-<model>-<time>.json.
+the load average at start and end). Writes bench/results/serving-<model>-<time>.json
+(serving-multi-lora-<model>-<time>.json for the multi-LoRA scenario).
 """
 
 from __future__ import annotations
@@ -43,6 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TARGET_RATIO = 2.5
 TARGET_OVERHEAD_MS = 5.0
+TARGET_RSS_RATIO = 1.3  # many versions as adapters vs one version
+TARGET_MIXED_RATIO = 0.7  # mixed batch over 4 adapters vs one merged version
+MIXED_VERSIONS = 4
 PROMPTS = [
     "My card was charged twice for the same order and I want a refund.",
     "The package has not arrived yet and the tracking number does not work.",
@@ -89,6 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads of the engine (0 = torch's default: all cores)",
     )
     p.add_argument("--overhead-reps", type=int, default=40, help="direct/HTTP pairs")
+    p.add_argument(
+        "--scenario",
+        choices=["batching", "multi-lora"],
+        default="batching",
+        help="batching: batching and gateway overhead; multi-lora: versions as adapters",
+    )
+    p.add_argument("--versions", type=int, default=10, help="multi-lora: versions made")
+    p.add_argument("--rss-child", help=argparse.SUPPRESS)  # internal: merged1|adapter1|adaptersN
+    p.add_argument("--workspace", type=Path, help=argparse.SUPPRESS)  # internal, with --rss-child
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     return p.parse_args(argv)
 
@@ -112,6 +139,7 @@ def make_workspace(root: Path, base: Path, args: argparse.Namespace) -> Any:
     cfg = root / "evertune.yaml"
     raw = yaml.safe_load(cfg.read_text())
     raw["model"]["base"] = str(base)
+    raw["model"]["name"] = "bench"
     raw.setdefault("serve", {}).update(
         {
             "max_batch_size": args.max_batch_size,
@@ -168,15 +196,18 @@ def stream_one(client: Any, body: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def load_run(url: str, clients: int, n: int, max_tokens: int) -> dict[str, Any]:
-    """`n` streamed requests from `clients` threads; throughput and latency percentiles."""
+def load_run(
+    url: str, clients: int, n: int, max_tokens: int, models: tuple[str, ...] = ("bench",)
+) -> dict[str, Any]:
+    """`n` streamed requests from `clients` threads, to `models` round-robin; throughput and
+    latency percentiles."""
     import httpx
 
     jobs: queue.Queue[dict[str, Any]] = queue.Queue()
     for i in range(n):
         jobs.put(
             {
-                "model": "bench",
+                "model": models[i % len(models)],
                 "temperature": 0,
                 "max_tokens": max_tokens,
                 "stream": True,
@@ -387,10 +418,229 @@ def overhead_run(url: str, gateway: Any, app: Any, reps: int) -> dict[str, Any]:
     }
 
 
+def make_versions(ws: Any, base: Path, n: int) -> list[int]:
+    """`n` registered versions: LoRA adapters of `base` with random weights (the workspace's
+    `train.lora` shape), made from one PEFT model re-drawn per version."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from evertune.models import load_model
+    from evertune.registry import Registry
+
+    lora = ws.config.train.lora
+    model = get_peft_model(
+        load_model(base),
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        ),
+    )
+    reg = Registry(ws)
+    versions = []
+    for i in range(n):
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:  # small: answers stay text-like, yet differ per version
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        out = ws.root / "adapters" / f"a{i}"
+        model.save_pretrained(out)
+        job = SimpleNamespace(
+            id=f"ftjob-bench-{i}", model=ws.config.model.base, training_file="ds-bench",
+            parent=None, hyperparameters={"n_epochs": 1}, result={"path": str(out), "kind": "lora"},
+            run_id=None, status="succeeded",
+        )  # fmt: skip
+        versions.append(reg.register_version(job, None, []).version)
+    return versions
+
+
+def rss_mib() -> dict[str, float]:
+    """This process's resident memory now and at its peak (MiB), from /proc/self/status."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024  # kB
+    return {"rss_mib": fields["VmRSS"], "peak_rss_mib": fields["VmHWM"]}
+
+
+def rss_child(args: argparse.Namespace) -> int:
+    """In a fresh process: serve the workspace's versions as `args.rss_child` says, answer
+    one request per version, print the resident memory as JSON."""
+    import gc
+
+    from evertune.monitoring import ServingMetrics
+    from evertune.serving import Gateway, make_engine
+    from evertune.workspace import Workspace
+
+    mode = args.rss_child
+    ws = Workspace.open(args.workspace)
+    count = 1 if mode.endswith("1") else int(mode.removeprefix("adapters"))
+    ws.config.serve.merge_adapters = mode == "merged1"
+    ws.config.serve.max_adapters = max(count, 1)
+    metrics = ServingMetrics()
+    engine = make_engine(ws, metrics)
+    engine.threads = args.threads  # type: ignore[attr-defined]
+    gateway = Gateway(ws, ("prod",), engine=engine, metrics=metrics)
+    gateway.start()
+    try:
+        models = [f"bench@v{v}" for v in range(1, count + 1)]
+        asyncio.run(_ask_each(gateway, models))
+        gc.collect()
+        record = {"mode": mode, "versions": count, "loaded": sorted(engine.loaded()), **rss_mib()}
+    finally:
+        gateway.stop()
+    print(json.dumps(record))
+    return 0
+
+
+async def _ask_each(gateway: Any, models: list[str]) -> None:
+    import httpx
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    app.include_router(gateway.router)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://asgi", timeout=600) as c:
+        for model in models:
+            body = {"model": model, "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": PROMPTS[0]}]}  # fmt: skip
+            resp = await c.post("/v1/chat/completions", json=body)
+            assert resp.status_code == 200, resp.text
+
+
+def measure_rss(ws: Any, args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--rss-child", mode, "--workspace", str(ws.root),
+           "--threads", str(args.threads)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} failed: {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def multi_lora(args: argparse.Namespace) -> int:
+    """The multi-LoRA scenario (module docstring, 3 and 4)."""
+    from fastapi import FastAPI
+
+    from evertune.monitoring import ServingMetrics, metrics_router
+    from evertune.registry import Registry
+    from evertune.serving import Gateway, make_engine
+
+    if args.versions < MIXED_VERSIONS + 1:
+        raise SystemExit(f"--versions must be at least {MIXED_VERSIONS + 1}")
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        base = base_model(args, tmp)
+        ws = make_workspace(tmp / "ws", base, args)
+        t = time.perf_counter()
+        versions = make_versions(ws, base, args.versions)
+        print(f"model {base} | {len(versions)} versions made in {time.perf_counter() - t:.0f}s")
+        memory = {}
+        for mode in ("merged1", "adapter1", f"adapters{args.versions}"):
+            memory[mode] = measure_rss(ws, args, mode)
+            m = memory[mode]
+            print(f"RSS {mode:>11}: {m['rss_mib']:7.0f} MiB (peak {m['peak_rss_mib']:.0f})")
+        many = memory[f"adapters{args.versions}"]["rss_mib"]
+        rss_ratios = {
+            "vs_one_merged": many / memory["merged1"]["rss_mib"],
+            "vs_one_adapter": many / memory["adapter1"]["rss_mib"],
+        }
+        rss_ratio = max(rss_ratios.values())
+
+        reg = Registry(ws)
+        for stage in ("approved", "qa", "prod"):
+            reg.transition(versions[0], stage, actor="bench", reason="multi-lora bench")
+        ws.config.serve.merge_adapters = "prod"
+        metrics = ServingMetrics()
+        engine = make_engine(ws, metrics)
+        engine.threads = args.threads  # type: ignore[attr-defined]
+        gateway = Gateway(ws, ("prod",), engine=engine, metrics=metrics)
+        gateway.start()
+        app = FastAPI()
+        app.include_router(gateway.router)
+        app.include_router(metrics_router(metrics))
+        url, server, thread = serve(app)
+        mixed_models = tuple(f"bench@v{v}" for v in versions[1 : 1 + MIXED_VERSIONS])
+        labels = {"engine": "transformers"}
+
+        def batches() -> tuple[float, float]:
+            get = metrics.registry.get_sample_value
+            return (get("evertune_batch_size_sum", labels) or 0.0), (
+                get("evertune_batch_size_count", labels) or 0.0
+            )
+
+        try:
+            load_run(url, 2, 4, 8)  # warm-up: first calls allocate
+            load_run(url, 4, 4, 8, mixed_models)  # and load the adapters
+            loaded = sorted(gateway.engine.loaded())
+            every: dict[str, list[dict[str, Any]]] = {"merged": [], "mixed": []}
+            for rep in range(args.repeats):
+                for name, models in (("merged", ("bench",)), ("mixed", mixed_models)):
+                    s0, c0 = batches()
+                    r = load_run(url, args.clients, args.requests, args.max_tokens, models)
+                    s1, c1 = batches()
+                    r["mean_batch_size"] = (s1 - s0) / max(c1 - c0, 1)
+                    every[name].append(r)
+                    print(
+                        f"{rep + 1}/{args.repeats} {name:>6}: {r['tokens_per_s']:7.1f} tok/s "
+                        f"TTFT p50 {r['ttft_p50_ms']:6.0f} ms  TPOT p50/p95 "
+                        f"{r['tpot_p50_ms']:5.1f}/{r['tpot_p95_ms']:5.1f} ms  batch "
+                        f"{r['mean_batch_size']:.1f}  errors {len(r['errors'])}",
+                        flush=True,
+                    )
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            gateway.stop()
+    runs = {name: median_run(rs) for name, rs in every.items()}
+    mixed_ratio = runs["mixed"]["tokens_per_s"] / runs["merged"]["tokens_per_s"]
+    print(f"engine keys during the throughput runs: {', '.join(loaded)}")
+    print(
+        f"RSS with {args.versions} versions as adapters: {rss_ratios['vs_one_merged']:.2f}x one "
+        f"merged version, {rss_ratios['vs_one_adapter']:.2f}x one adapter "
+        f"(target <= {TARGET_RSS_RATIO}x) {'PASS' if rss_ratio <= TARGET_RSS_RATIO else 'MISS'}"
+    )
+    print(
+        f"throughput, {args.clients} clients round-robin over {MIXED_VERSIONS} adapters / one "
+        f"merged version: {runs['mixed']['tokens_per_s']:.1f} / "
+        f"{runs['merged']['tokens_per_s']:.1f} tok/s = {mixed_ratio:.2f}x (target >= "
+        f"{TARGET_MIXED_RATIO}x) {'PASS' if mixed_ratio >= TARGET_MIXED_RATIO else 'MISS'}"
+    )
+    record = {
+        "bench": "serving-multi-lora", "model": args.model, "base": str(base),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "memory": memory, "rss_ratios": rss_ratios, "runs": runs, "all_runs": every,
+        "mixed_throughput_ratio": mixed_ratio, "loaded": loaded,
+        "targets": {"rss_ratio": TARGET_RSS_RATIO, "mixed_throughput_ratio": TARGET_MIXED_RATIO},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
+                    "cpus": os.cpu_count(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }  # fmt: skip
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = RESULTS / f"serving-multi-lora-{args.model}-{stamp}.json"
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.rss_child:
+        return rss_child(args)
+    if args.scenario == "multi-lora":
+        return multi_lora(args)
     from fastapi import FastAPI
 
     from evertune.monitoring import ServingMetrics, metrics_router

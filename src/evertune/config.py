@@ -326,9 +326,15 @@ class DeployArgs(_Args):
 
 class ServeArgs(_Args):
     engine: Literal["transformers", "vllm"] = "transformers"
-    merge_adapters: bool = True
-    """Merge LoRA adapters into a copy of the base weights (faster) instead of applying them
-    per call."""
+    merge_adapters: bool | Literal["prod"] = True
+    """How versions are served beside the one base model in memory (transformers engine):
+    true = each a merged copy of the base weights (fastest, one copy per loaded version);
+    false = each a LoRA adapter on the shared base, and one batch mixes versions (memory per
+    version: the adapter's); `prod` = PROD's version merged, every other version an adapter."""
+    max_adapters: int = Field(16, ge=1)
+    """Versions kept loaded as adapters on the shared base; beyond it the least recently used
+    one that no stage points at is unloaded (after its in-flight requests finish). A version
+    not loaded is loaded on its first request."""
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
     """How long the batcher waits for more concurrent requests before running a batch."""

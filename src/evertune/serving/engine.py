@@ -1,6 +1,6 @@
 """What the gateway asks of an inference engine, and the events an engine answers with.
 
-    engine = TransformersEngine(base_path, merge_adapters=True)      # or VllmEngine(...)
+    engine = TransformersEngine(base_path, merge_adapters=False)     # or VllmEngine(...)
     engine.start()
     engine.load("v3", adapter_folder)            # a version under an immutable key
     req = GenRequest(prompt="<|im_start|>user\\nHi<|im_end|>\\n…", max_tokens=32, stream=True)
@@ -86,6 +86,14 @@ class EngineError(Exception):
         self.code = code
 
 
+class AdapterMismatch(EngineError):
+    """A version's adapter does not fit the base model an engine serves (409): the message
+    names what does not match and the fix; nothing was loaded."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=409, param="model", code="model_incompatible")
+
+
 class Engine(Protocol):
     """An inference engine serving a base model and versions of it under immutable keys."""
 
@@ -109,7 +117,9 @@ class Engine(Protocol):
         """Serve the version at `path` (a PEFT adapter or a full model folder) as `key`.
 
         Idempotent for a key already loaded from the same path; a key is never reloaded
-        with other weights (EngineError)."""
+        with other weights (EngineError); an adapter that does not fit the base is refused
+        with `AdapterMismatch`. (The transformers engine also takes `merge=`: a merged copy
+        or an adapter on its shared base, per key.)"""
         ...
 
     def unload(self, key: str) -> None:

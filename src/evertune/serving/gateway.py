@@ -14,9 +14,22 @@
 a follower thread polls the aliases every `serve.follow_seconds`. When an alias moves
 (promote, rollback), the new version is loaded beside the old one and only then does the
 stage pointer flip; a request holds the version it resolved until its last token, so
-in-flight requests finish on their model and no request fails during a swap. A version no
-stage points at is unloaded once idle (the most recently used `KEEP_IDLE_VERSIONS` stay
-loaded, so a quick rollback or a `NAME@vN` caller does not pay a reload).
+in-flight requests finish on their model and no request fails during a swap.
+
+Every registered version is servable (`NAME@vN`): one not loaded is loaded on its first
+request (once, however many requests ask at the same time). How (`serve.merge_adapters`, the
+transformers engine): `true` = each version a merged copy of the base; `false` = each an
+adapter on the one shared base (multi-LoRA: a batch mixes versions, memory per version is the
+adapter's); `prod` = the version PROD points at is merged (the hottest runs at full speed) and
+every other is an adapter (at promotion an adapter version gets its merged copy beside it,
+then the pointer flips, as in any swap). Unloading: beyond `serve.max_adapters` adapter
+versions, the least recently used one no stage points at goes; merged copies (and full
+fine-tunes) no stage points at are kept for `KEEP_IDLE_VERSIONS` (a quick rollback). A version
+a request still uses is taken out of routing at once and unloaded after its last request
+(the engine waits for its holders too). An adapter that does not fit the served base is
+refused with 409 `model_incompatible` naming the version, the mismatch and the fix; nothing
+is loaded, and other versions and in-flight requests go on (`TransformersEngine.check_adapter`).
+`evertune_loaded_adapters` on /metrics counts the versions served as adapters.
 
 Every answer names the version that produced it: the `model` field (`NAME@v3`, or
 `NAME@base` while no version is in prod) and the `x-evertune-version` header. Metrics go to
@@ -36,14 +49,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from evertune.errors import DataError, NotFoundError
+from evertune.errors import DataError, ModelError, NotFoundError
 from evertune.monitoring.feedback import (
     UNTRAINED,
     build_record,
@@ -62,6 +75,7 @@ from evertune.monitoring.request_log import (
 from evertune.serving import protocol as oai
 from evertune.serving.engine import (
     BASE_KEY,
+    AdapterMismatch,
     Engine,
     EngineError,
     Event,
@@ -83,7 +97,10 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 STAGES = ("prod", "qa")
-KEEP_IDLE_VERSIONS = 1  # versions no stage points at that stay loaded (LRU); each costs memory
+KEEP_IDLE_VERSIONS = 1
+"""Merged copies (and full models) no stage points at that stay loaded (LRU): each costs a
+copy of the weights. Adapter versions are bounded by `serve.max_adapters` instead."""
+MERGED_KEY = "{label}:merged"  # engine key of a version's merged copy in `prod` mode
 RECENT_RESPONSES = 5000  # responses remembered (redacted) so feedback can find their prompt
 PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
 NAMES_TTL_S = 5.0  # how long the list of registered versions is cached for /v1/models and 404s
@@ -93,12 +110,14 @@ NAMES_TTL_S = 5.0  # how long the list of registered versions is cached for /v1/
 class _Handle:
     """A loaded model the gateway can route to."""
 
-    key: str  # engine key: "base" or "v3"
+    key: str  # engine key: "base", "v3" (or "v3:merged", its merged copy in `prod` mode)
     version: int | None  # None = the base model
     engine: Engine | None = None  # the engine of the base it was trained on; None: the default
+    adapter: bool = False  # an adapter on a transformers engine's shared base (max_adapters)
     stages: set[str] = field(default_factory=set)  # stages pointing here now
     refs: int = 0  # requests in flight on it
     last_used: float = field(default_factory=time.monotonic)
+    retired: bool = False  # out of routing (evicted or replaced): unloaded at its last release
 
     @property
     def label(self) -> str:
@@ -136,6 +155,33 @@ class _Call:
         }
 
 
+class BaseUnavailable(AdapterMismatch, ModelError):
+    """The base model a version's facts name is not here (or holds other files): a 409 for a
+    request, a ModelError for `evertune serve` starting with it in a stage."""
+
+
+class _LoadedAdapters:
+    """/metrics: `evertune_loaded_adapters`, read from the gateway at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def _family(self, value: float) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return GaugeMetricFamily(
+            "evertune_loaded_adapters",
+            "Versions served as LoRA adapters on a shared base model (serve.max_adapters)",
+            value=value,
+        )
+
+    def describe(self) -> Iterator[Any]:
+        yield self._family(0)
+
+    def collect(self) -> Iterator[Any]:
+        yield self._family(self._gateway.loaded_adapters())
+
+
 def make_engine(
     ws: Workspace,
     metrics: ServingMetrics | None = None,
@@ -168,7 +214,7 @@ def make_engine(
     return TransformersEngine(
         base,
         dtype=ws.config.model.dtype,
-        merge_adapters=cfg.merge_adapters,
+        merge_adapters=cfg.merge_adapters is True,  # `prod`: the gateway merges PROD's only
         max_batch_size=cfg.max_batch_size,
         batch_wait_ms=cfg.batch_wait_ms,
         max_tokens_limit=cfg.max_tokens_limit,
@@ -238,6 +284,11 @@ class Gateway:
         self._prompt_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="evertune-tokenize"
         )
+        # Engine unloads wait for a decode step (and a key's lock): off the event loop.
+        self._janitor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="evertune-unload"
+        )
+        self._collector: _LoadedAdapters | None = None
         self._registry: Registry | None = None
         self._follower: threading.Thread | None = None
         self._stop = threading.Event()
@@ -270,6 +321,9 @@ class Gateway:
         if self._engine is None:
             self._engine = make_engine(self.ws, self.metrics)
         self.engine.start()
+        self._janitor = concurrent.futures.ThreadPoolExecutor(  # stop() shut the last one down
+            max_workers=1, thread_name_prefix="evertune-unload"
+        )
         self._default_base = self._configured_base()
         with self._lock:
             self._handles[BASE_KEY] = _Handle(BASE_KEY, None)
@@ -279,6 +333,11 @@ class Gateway:
             target=self._follow, name="evertune-follower", daemon=True
         )
         self._follower.start()
+        self._collector = _LoadedAdapters(self)
+        try:
+            self.metrics.registry.register(self._collector)
+        except ValueError:  # another gateway on these metrics already reports it
+            self._collector = None
         self._started = True
         log.info("serving %s: %s", self.name, self.stage_versions())
 
@@ -288,6 +347,10 @@ class Gateway:
         if self._follower is not None:
             self._follower.join(timeout=30)
             self._follower = None
+        if self._collector is not None:
+            self.metrics.registry.unregister(self._collector)
+            self._collector = None
+        self._janitor.shutdown(wait=True)  # the unloads asked for, before the engine stops
         if self._engine is not None and self._started:
             self.engine.stop()
         for other in self._engines.values():
@@ -295,6 +358,11 @@ class Gateway:
         self._engines.clear()
         self.request_log.close()
         self._started = False
+
+    def loaded_adapters(self) -> int:
+        """How many versions are served as adapters on a shared base now."""
+        with self._lock:
+            return sum(1 for h in self._handles.values() if h.adapter)
 
     def stage_versions(self) -> dict[str, str | None]:
         """What each served stage answers with now: {"prod": "v3", "qa": None}."""
@@ -341,7 +409,7 @@ class Gateway:
 
     def _swap(self, stage: str, version: int | None) -> None:
         """Load `version` beside what serves `stage`, then flip the stage pointer to it."""
-        handle = self._ensure_loaded(version) if version is not None else None
+        handle = self._ensure_loaded(version, prod=stage == "prod") if version is not None else None
         with self._lock:
             old = self._pointers[stage]
             self._pointers[stage] = handle
@@ -356,20 +424,57 @@ class Gateway:
         )
         self._evict_idle()
 
-    def _ensure_loaded(self, version: int) -> _Handle:
-        """The handle of `version`, loading it into the engine first if needed (blocking)."""
-        key = version_label(version)
-        with self._key_locks[key]:
+    def _ensure_loaded(self, version: int, *, prod: bool = False) -> _Handle:
+        """The handle of `version`, loading it into the engine first if needed (blocking).
+
+        `prod`: it is (about to be) PROD's, so with `serve.merge_adapters: prod` it gets its
+        merged copy (an adapter handle of it is then replaced and retired)."""
+        label = version_label(version)
+        merge = self._merge(prod)
+        with self._key_locks[label]:
             with self._lock:
-                handle = self._handles.get(key)
-            if handle is not None:
-                return handle
+                handle = self._handles.get(label)
+            if handle is not None and not (merge and handle.adapter):
+                return handle  # a merged copy serves a non-PROD caller as well
             path = self.registry.version_artifact_path(version)
             engine = self._engine_for(path, version)
-            engine.load(key, path)
+            fresh = self._load_into(engine, version, path, merge)
             with self._lock:
-                handle = self._handles.setdefault(key, _Handle(key, version, engine=engine))
-            return handle
+                old = self._handles.get(label)
+                self._handles[label] = fresh
+                drop = False
+                if old is not None:  # its adapter form: the stages move to the merged copy
+                    fresh.stages |= old.stages
+                    for stage, pointed in self._pointers.items():
+                        if pointed is old:
+                            self._pointers[stage] = fresh
+                    old.stages.clear()
+                    old.retired = True
+                    drop = old.refs == 0
+            if old is not None and drop:
+                self._unload_later(old)
+            return fresh
+
+    def _merge(self, prod: bool) -> bool:
+        """Whether a version is loaded as a merged copy (`serve.merge_adapters`)."""
+        mode = self.cfg.merge_adapters
+        return mode is True or (mode == "prod" and prod)
+
+    def _load_into(self, engine: Engine, version: int, path: Path, merge: bool) -> _Handle:
+        """Load `version` into `engine` in the form `merge` says; its new handle."""
+        from evertune.serving.transformers_engine import TransformersEngine
+
+        label = version_label(version)
+        if not isinstance(engine, TransformersEngine):  # vLLM serves adapters its own way
+            engine.load(label, path)
+            return _Handle(label, version, engine=engine)
+        # `prod` mode keys the merged copy apart: its adapter form may still be finishing
+        # requests under the plain label (keys are immutable).
+        prod_mode = self.cfg.merge_adapters == "prod"
+        key = MERGED_KEY.format(label=label) if merge and prod_mode else label
+        engine.load(key, path, merge=merge)
+        adapter = not merge and (path / "adapter_config.json").is_file()
+        return _Handle(key, version, engine=engine, adapter=adapter)
 
     def _configured_base(self) -> Path | None:
         from evertune.models import resolve_base_model
@@ -385,8 +490,12 @@ class Gateway:
         from evertune.facts import RESULT_META, read_facts, version_base
 
         if not (path / RESULT_META).is_file():
-            return self.engine  # no facts recorded: nothing to check against
-        base = version_base(read_facts(path), self.ws.models_dir, what=f"v{version}").resolve()
+            return self.engine  # no facts recorded: the engine checks adapter_config.json
+        try:
+            base = version_base(read_facts(path), self.ws.models_dir, what=f"v{version}")
+        except ModelError as exc:  # its base is not here: never load it onto another one
+            raise BaseUnavailable(str(exc)) from None
+        base = base.resolve()
         if self._default_base is None or base == self._default_base:
             return self.engine
         with self._engine_start_lock:  # two versions of one new base: one engine
@@ -402,25 +511,44 @@ class Gateway:
         return handle.engine or self.engine
 
     def _evict_idle(self) -> None:
-        """Unload idle versions no stage points at, beyond the `KEEP_IDLE_VERSIONS` newest."""
+        """Take out of routing what is over the limits, least recently used first: adapter
+        versions beyond `serve.max_adapters`, merged copies no stage points at beyond
+        `KEEP_IDLE_VERSIONS`. Never a stage's version. Unloaded now when idle, else at the
+        last release of the requests using it (`_release`)."""
         with self._lock:
-            idle = sorted(
-                (h for h in self._handles.values() if h.version is not None and not h.stages),
-                key=lambda h: h.last_used,
+            versions = [h for h in self._handles.values() if h.version is not None]
+            adapters = [h for h in versions if h.adapter]
+            spare = sorted((h for h in adapters if not h.stages), key=lambda h: h.last_used)
+            victims = spare[: max(0, len(adapters) - self.cfg.max_adapters)]
+            copies = sorted(
+                (h for h in versions if not h.adapter and not h.stages), key=lambda h: h.last_used
             )
-            excess = idle[: max(0, len(idle) - KEEP_IDLE_VERSIONS)]
-            gone = [h for h in excess if h.refs == 0]
-            for h in gone:
-                del self._handles[h.key]
-        for h in gone:
-            with self._key_locks[h.key]:
-                with self._lock:
-                    if h.key in self._handles:  # asked for again meanwhile: keep it
-                        continue
-                try:
-                    self._engine_of(h).unload(h.key)
-                except Exception as exc:
-                    log.warning("could not unload %s: %s", h.key, exc)
+            victims += copies[: max(0, len(copies) - KEEP_IDLE_VERSIONS)]
+            idle = []
+            for h in victims:
+                del self._handles[h.label]
+                h.retired = True
+                if h.refs == 0:
+                    idle.append(h)
+        for h in idle:
+            self._unload_later(h)
+
+    def _unload_later(self, handle: _Handle) -> None:
+        with contextlib.suppress(RuntimeError):  # stopped: the engine went with all it held
+            self._janitor.submit(self._unload, handle)
+
+    def _unload(self, handle: _Handle) -> None:
+        """Unload a retired handle's engine key unless the version was loaded again under
+        the same key meanwhile (the engine reuses a key it still holds)."""
+        with self._key_locks[handle.label]:
+            with self._lock:
+                now = self._handles.get(handle.label)
+                if now is not None and now.key == handle.key and now.engine is handle.engine:
+                    return
+            try:
+                self._engine_of(handle).unload(handle.key)
+            except Exception as exc:
+                log.warning("could not unload %s: %s", handle.key, exc)
 
     # -- resolving names ---------------------------------------------------------------------
     def _registered(self) -> list[int]:
@@ -509,6 +637,15 @@ class Gateway:
             raise await asyncio.to_thread(self._not_found, raw, "") from None
         try:
             await asyncio.to_thread(self._ensure_loaded, version)
+        except AdapterMismatch as exc:
+            raise OpenAIError(
+                409,
+                f"The model `{raw}` (version v{version}) cannot be served by this server: "
+                f"{exc.message}",
+                param="model",
+                code="model_incompatible",
+                type="invalid_request_error",
+            ) from None
         except Exception as exc:
             raise OpenAIError(
                 500, f"could not load {raw}: {exc}", code="model_load_failed"
@@ -518,9 +655,10 @@ class Gateway:
     def _release(self, handle: _Handle) -> None:
         with self._lock:
             handle.refs -= 1
-            idle = handle.refs == 0 and not handle.stages and handle.version is not None
-        if idle:
-            self._evict_idle()
+            handle.last_used = time.monotonic()  # a long request ending is a recent use
+            drop = handle.retired and handle.refs == 0
+        if drop:
+            self._unload_later(handle)
 
     # -- the routes --------------------------------------------------------------------------
     def _build_router(self) -> APIRouter:
