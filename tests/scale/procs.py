@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import Engine, text
 
 from evertune.workspace import Workspace
 from tests.postgres import free_port
@@ -67,3 +68,13 @@ def stop(procs: Iterable[subprocess.Popen[bytes]]) -> None:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def training_executor(engine: Engine, executors: Collection[str]) -> str | None:
+    """The DBOS executor (one of `executors`) running a pipeline run whose job is training."""
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT w.executor_id FROM dbos.workflow_status w JOIN pipeline_runs r "
+            "ON r.id = w.workflow_uuid JOIN jobs j ON j.run_id = r.id "
+            "WHERE w.status = 'PENDING' AND j.status = 'running'")).first()
+    return row[0] if row and row[0] in executors else None

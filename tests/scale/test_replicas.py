@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 from evertune.registry import Registry
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
-from tests.scale.procs import health, start, stop, wait
+from tests.scale.procs import health, start, stop, training_executor, wait
 from tests.test_pipeline import PIPELINE_SETTINGS, tickets
 
 pytestmark = pytest.mark.slow
@@ -47,15 +47,10 @@ def test_replicas_start_one_run_per_drop_and_recover_a_killed_replicas_run(
         drop.write_bytes(tickets(40))
         engine = create_engine(pg_url)
 
-        def running_on() -> str | None:
-            with engine.connect() as conn:
-                row = conn.execute(text(
-                    "SELECT w.executor_id FROM dbos.workflow_status w JOIN pipeline_runs r "
-                    "ON r.id = w.workflow_uuid JOIN jobs j ON j.run_id = r.id "
-                    "WHERE w.status = 'PENDING'")).first()
-            return row[0] if row and row[0] in executors else None
-
-        victim = executors[wait(running_on, 240, "a replica training the run", logs)]
+        training = wait(lambda: training_executor(engine, executors), 240,
+                        "a replica training the run",
+                        logs)
+        victim = executors[training]
         proc, _ = procs.pop(victim)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)

@@ -28,7 +28,7 @@ from evertune.training.jobs import job_dir
 from evertune.workspace import Workspace
 from tests.conftest import make_workspace
 from tests.mlflow_server import S3_ENV
-from tests.scale.procs import health, start, stop, wait
+from tests.scale.procs import health, start, stop, training_executor, wait
 from tests.test_bucket import make_s3_bucket
 from tests.test_pipeline import PIPELINE_SETTINGS, tickets
 
@@ -115,15 +115,10 @@ def test_the_loop_runs_on_postgres_s3_mlflow_ray_and_two_replicas(
         s3.put_object(Bucket="team-data", Key="raw-data/more-tickets.jsonl",
                       Body=tickets(40, tag="b"))
 
-        def training_on() -> str | None:
-            with engine.connect() as conn:
-                row = conn.execute(text(
-                    "SELECT w.executor_id FROM dbos.workflow_status w JOIN pipeline_runs r "
-                    "ON r.id = w.workflow_uuid JOIN jobs j ON j.run_id = r.id "
-                    "WHERE w.status = 'PENDING' AND j.status = 'running'")).first()
-            return row[0] if row and row[0] in executors else None
-
-        victim = executors[wait(training_on, 240, "a replica training run 2", logs.values())]
+        training = wait(lambda: training_executor(engine, executors), 240,
+                        "a replica training run 2",
+                        logs.values())
+        victim = executors[training]
         proc, _ = procs.pop(victim)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
