@@ -5,7 +5,7 @@
 Debian's postgresql (the state DB and DBOS; the MLflow server's store), moto's S3 server (the
 landing bucket; the MLflow server's artifacts), an `mlflow server`, a 2-CPU Ray head, two
 `evertune up --no-serving` replicas and one `evertune serve --stage prod`. A file dropped in
-the S3 bucket becomes a run trained by two Ray workers and a version registered in the MLflow
+an S3 bucket becomes a run trained by two Ray workers and a version registered in the MLflow
 server; an approver approves it through the second replica's API; the serve process answers
 from it. A second drop's run survives kill -9 of the replica executing it: the other replica
 finishes it and registers exactly one more version.
@@ -13,6 +13,7 @@ finishes it and registers exactly one more version.
 
 from __future__ import annotations
 
+import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -42,10 +43,13 @@ def test_the_loop_runs_on_postgres_s3_mlflow_ray_and_two_replicas(
     s3_env = {**S3_ENV, "AWS_ENDPOINT_URL": moto_endpoint}
     for key, value in s3_env.items():
         monkeypatch.setenv(key, value)
-    make_s3_bucket(moto_endpoint, "team-data")
+    # moto keeps buckets in process-wide memory (every moto server of this pytest process
+    # shares them): a bucket of this test's own, so other modules' "team-data" stays empty.
+    bucket = "stack-" + secrets.token_hex(4)
+    make_s3_bucket(moto_endpoint, bucket)
     ws = make_workspace(
         tmp_path / "ws", tiny_model, **PIPELINE_SETTINGS,
-        storage={"state_db": pg_url, "bucket": "s3://team-data"},
+        storage={"state_db": pg_url, "bucket": f"s3://{bucket}"},
         registry={"tracking_uri": mlflow_server},
         train={"n_epochs": 2, "checkpoint_every": 2, "backend": "ray",
                "ray": {"address": ray_cluster, "num_workers": 2}},
@@ -79,7 +83,7 @@ def test_the_loop_runs_on_postgres_s3_mlflow_ray_and_two_replicas(
             return done if len(done) >= n else None
 
         # -- 1. drop → run on Ray → version in the MLflow server ------------------------------
-        s3.put_object(Bucket="team-data", Key="raw-data/tickets.jsonl", Body=tickets(40))
+        s3.put_object(Bucket=bucket, Key="raw-data/tickets.jsonl", Body=tickets(40))
         assert [s for _, s in wait(lambda: finished(1), 300, "the first run", logs.values())] \
             == ["succeeded"]
         (job_id,) = _jobs(engine)
@@ -112,7 +116,7 @@ def test_the_loop_runs_on_postgres_s3_mlflow_ray_and_two_replicas(
         assert wait(served_by, 60, "the serve process to answer from v1", logs.values())
 
         # -- 3. kill -9 of the replica executing a second run; the other finishes it ----------
-        s3.put_object(Bucket="team-data", Key="raw-data/more-tickets.jsonl",
+        s3.put_object(Bucket=bucket, Key="raw-data/more-tickets.jsonl",
                       Body=tickets(40, tag="b"))
 
         training = wait(lambda: training_executor(engine, executors), 240,
