@@ -738,13 +738,18 @@ def reject(
 def promote(
     version: str = typer.Argument(None, help="Version in QA (default: the one in QA)."),
     comment: str = typer.Option("", "--comment", "-m", help="Why (recorded in the audit trail)."),
+    canary: int = typer.Option(
+        None, "--canary",
+        help="Give the version this percent (1-99) of the callers first; it is promoted or "
+        "rolled back automatically (deploy.canary).",
+    ),
 ) -> None:
-    """Promote the QA version to PROD (when deploy.auto_promote is false)."""
+    """Promote the QA version to PROD (when deploy.auto_promote is false), or start a canary."""
     ws = _open()
     _quiet_libraries()
     from evertune import auth, deploy
 
-    _print_deploy(deploy.promote(ws, version, auth.local_principal(ws), comment))
+    _print_deploy(deploy.promote(ws, version, auth.local_principal(ws), comment, canary=canary))
 
 
 @app.command()

@@ -318,10 +318,31 @@ class SystemTestArgs(_Args):
     """Each smoke prompt must complete within this many seconds."""
 
 
+class CanaryArgs(_Args):
+    window_seconds: float = Field(600.0, gt=0)
+    """A canary that ran this long with min_requests and no regression is promoted to PROD."""
+    min_requests: int = Field(100, ge=1)
+    """Logged canary requests needed before its figures count (serve.request_log_sample
+    thins the log: with 0.1, ten times as many requests are served)."""
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    """A canary error rate above this (with min_requests) rolls it back."""
+    max_p95_latency_s: float = Field(10.0, ge=0)
+    """A canary p95 latency above this (with min_requests) rolls it back."""
+    max_latency_ratio: float = Field(1.5, ge=1)
+    """Rolled back when its median latency is this many times PROD's and significantly so."""
+    alpha: float = Field(0.01, gt=0, lt=1)
+    """Significance level of the error-rate (Fisher) and latency (Mann-Whitney U) tests."""
+    check_seconds: float = Field(5.0, gt=0)
+    """How often the leader compares canary and PROD (`evertune.canary`)."""
+
+
 class DeployArgs(_Args):
     auto_promote: bool = True
     """true: QA → PROD as soon as the system tests pass; false: wait for `evertune promote`."""
     system_tests: SystemTestArgs = SystemTestArgs()
+    canary: CanaryArgs = CanaryArgs()
+    """`evertune promote N --canary PCT`: PCT% of callers get N until it is promoted or
+    rolled back automatically (evertune.canary)."""
 
 
 class ServeArgs(_Args):

@@ -6,6 +6,7 @@
     # v3: pending → approved → qa (alias qa) → system tests → prod (alias prod, auto_promote)
     deploy.promote(ws, None, me, "QA looks fine")       # with deploy.auto_promote: false
     deploy.rollback(ws, me, "v3 answers in French")     # prod → the previous PROD version
+    deploy.promote(ws, 4, me, "real traffic", canary=10) # 10% of callers on v4 (evertune.canary)
     deploy.reject(ws, 4, me, "trained on the wrong export")
     deploy.history(ws)                                  # every stage move, newest first
 
@@ -74,6 +75,8 @@ LOCK_TIMEOUT_S = 600.0  # a rollout (model load + smoke prompts) rarely takes lo
 TESTS_TAG = "system_tests"  # version tag: pass | fail | error (promote re-runs unless pass)
 TESTS_ERROR = "error"  # TESTS_TAG value: the last attempt failed because of the environment
 TESTS_REPORT_TAG = "system_tests_report"  # version tag: path of the latest report
+# Audit actions of a canary's life (Registry.start_canary/end_canary), shown in `history`.
+CANARY_ACTIONS = ("canary_start", "canary_promote", "canary_rollback", "canary_end")
 
 # Output sanity. A completion is degenerate when it has at least this many words and fewer
 # than this share of them are distinct ("the the the the …"), or when it is one short unit
@@ -189,6 +192,9 @@ class Deployments(BaseModel):
     qa: dict[str, Any] | None
     previous_prod: dict[str, Any] | None
     auto_promote: bool
+    # The running canary: version, percent, started_at, actor and `comparison` (the live
+    # figures, evertune.canary.Comparison); None when none runs.
+    canary: dict[str, Any] | None = None
 
 
 # -- public operations -----------------------------------------------------------------------
@@ -276,16 +282,28 @@ def reject(ws: Workspace, version: int | str, actor: Principal, comment: str) ->
 
 
 def promote(
-    ws: Workspace, version: int | str | None, actor: Principal, comment: str = ""
+    ws: Workspace,
+    version: int | str | None,
+    actor: Principal,
+    comment: str = "",
+    *,
+    canary: int | None = None,
+    canary_data: dict[str, Any] | None = None,
 ) -> DeployResult:
     """Promote the version in QA (or `version`, which must be in QA) to PROD.
 
         deploy.promote(ws, None, me, "QA looks fine")
+        deploy.promote(ws, 3, me, "try it on real traffic", canary=10)   # 10% of callers first
 
     Used when `deploy.auto_promote` is false. If the version's system tests have not passed
     (an interrupted rollout), they run first: bad output rejects it instead, a failure of the
-    environment sends it back to approved for `approve(…, retry=True)`.
+    environment sends it back to approved for `approve(…, retry=True)`. With `canary`, see
+    `start_canary`; without it during a canary, the canary version is promoted at once and
+    the canary ends (`canary_data`: the comparison figures for the audit row, from
+    evertune.canary's automatic promotion).
     """
+    if canary is not None:
+        return start_canary(ws, version, actor, canary, comment)
     require(actor, "promote")
     with _locked(ws):
         reg = _registry(ws)
@@ -312,10 +330,18 @@ def promote(
                 return _done(ws, "promote", actor,
                              _tests_failed(ws, reg, mv.version, actor, report, moves))
         reason = comment.strip() or f"promoted to prod by {actor.name}"
+        trial = reg.canary()
         _move(reg, reg.get_version(mv.version), Stage.PROD, actor, reason, moves)
+        message = f"v{mv.version} is now in prod"
+        if trial is not None and trial.version == mv.version:
+            # Registry.transition already dropped the alias (a version leaving QA ends its
+            # trial); this row says how the canary ended and with which figures.
+            reg.end_canary(actor.name, reason, "canary_promote",
+                           {"outcome": "promoted", **(canary_data or {})}, state=trial)
+            message += f" (its {trial.percent}% canary ended: all traffic on v{mv.version})"
         return _done(ws, "promote", actor, DeployResult(
             version=mv.version, stage=Stage.PROD.value, moves=moves, system_tests=report,
-            message=f"v{mv.version} is now in prod"))
+            message=message))
 
 
 def rollback(
@@ -331,6 +357,20 @@ def rollback(
     require(actor, "rollback")
     with _locked(ws):
         reg = _registry(ws)
+        trial = reg.canary()
+        if trial is not None and to is None:
+            # The last deploy step was starting the canary: undoing it sends every caller
+            # back to PROD, which never moved. The version stays in QA for a person to
+            # promote, retry as a canary or reject (the automatic rollback rejects it).
+            reason = comment.strip() or f"canary ended by {actor.name}"
+            reg.end_canary(actor.name, reason, "canary_rollback", {"outcome": "manual"})
+            prod = reg.alias_version("prod")
+            return _done(ws, "rollback", actor, DeployResult(
+                version=trial.version, stage=Stage.QA.value,
+                message=(f"canary of v{trial.version} ended: all traffic back on "
+                         f"{f'v{prod.version}' if prod else 'the base model'} (prod); "
+                         f"v{trial.version} stays in qa: `evertune promote v{trial.version}` "
+                         f"or `evertune reject {trial.version} -m WHY`")))
         current = reg.alias_version("prod")
         target = reg.resolve(to) if to is not None else reg.previous_prod()
         if target is None:
@@ -366,7 +406,7 @@ def history(ws: Workspace, limit: int | None = 100) -> list[AuditRecord]:
     reg = _registry(ws)
     # Registrations and custom aliases are in the same table; a deploy history is the moves.
     rows = reg.audit_log(limit=None)
-    moves = [r for r in rows if r.action == "transition"]
+    moves = [r for r in rows if r.action == "transition" or r.action in CANARY_ACTIONS]
     return moves if limit is None else moves[:limit]
 
 
@@ -377,13 +417,92 @@ def current(ws: Workspace) -> Deployments:
     """
     reg = _registry(ws)
     prod, qa, prev = reg.alias_version("prod"), reg.alias_version("qa"), reg.previous_prod()
+    trial = reg.canary()
+    live: dict[str, Any] | None = None
+    if trial is not None:
+        from evertune.canary import compare
+
+        # The figures the leader's monitor decides on, computed now from the request log.
+        live = {**trial.to_dict(),
+                "comparison": compare(ws, trial, prod.version if prod else None).to_dict()}
     return Deployments(
         model=reg.name,
         prod=prod.to_dict() if prod else None,
         qa=qa.to_dict() if qa else None,
         previous_prod=prev.to_dict() if prev else None,
         auto_promote=ws.config.deploy.auto_promote,
+        canary=live,
     )
+
+
+def start_canary(
+    ws: Workspace, version: int | str | None, actor: Principal, percent: int, comment: str = ""
+) -> DeployResult:
+    """Give the QA version (or `version`, in QA with passed system tests) `percent`% of the
+    callers of `NAME` while PROD keeps the rest.
+
+        deploy.start_canary(ws, 3, me, 10, "first real traffic")   # evertune promote 3 --canary 10
+
+    The `canary` alias points at it and the registered model's tags hold the percent and the
+    start (evertune.registry.CanaryState); the gateway follows them. The leader's canary
+    monitor (evertune.canary) promotes it after `deploy.canary.window_seconds` or rolls it
+    back on an SLO breach; `promote` (without canary) finishes it at once, `rollback` ends it.
+    """
+    require(actor, "promote")
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 99:
+        raise LifecycleError(
+            f"canary percent must be a whole number from 1 to 99, got {percent!r}; e.g. "
+            f"`evertune promote v3 --canary 10` (use `evertune promote v3` for all traffic)"
+        )
+    with _locked(ws):
+        reg = _registry(ws)
+        running = reg.canary()
+        if running is not None:
+            raise LifecycleError(
+                f"a canary is already running: v{running.version} at {running.percent}% since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(running.started_at))}; end it "
+                f"with `evertune rollback` (all traffic back to prod) or finish it with "
+                f"`evertune promote v{running.version}`"
+            )
+        if version is None:
+            mv = reg.alias_version("qa")
+            if mv is None or mv.stage is not Stage.QA:
+                raise LifecycleError(
+                    "no version is in qa, so there is nothing to try as a canary; approve a "
+                    "pending version first (`evertune approve VERSION -m WHY`, with "
+                    "deploy.auto_promote: false so it stops in qa)"
+                )
+        else:
+            mv = reg.resolve(version)
+        if mv.stage is not Stage.QA:
+            raise LifecycleError(
+                f"version {mv.version} is {mv.stage.value}; only a version in qa whose system "
+                f"tests passed can be a canary (approve it with deploy.auto_promote: false "
+                f"so it stops in qa)"
+            )
+        tests = mv.tags.get(TESTS_TAG)
+        if tests != "pass":
+            raise LifecycleError(
+                f"version {mv.version}'s system tests have not passed ({TESTS_TAG}: "
+                f"{tests or 'never run'}); `evertune promote v{mv.version}` runs them and "
+                f"promotes, or rerun them with `evertune approve {mv.version} --retry`"
+            )
+        prod = reg.alias_version("prod")
+        if prod is None:
+            raise LifecycleError(
+                f"nothing is in prod for the canary of v{mv.version} to be compared with; "
+                f"promote it outright (`evertune promote v{mv.version}`)"
+            )
+        reason = comment.strip() or f"canary at {percent}% started by {actor.name}"
+        reg.start_canary(mv.version, percent, actor.name, reason)
+        cfg = ws.config.deploy.canary
+        return _done(ws, "canary", actor, DeployResult(
+            version=mv.version, stage=Stage.QA.value,
+            message=(f"v{mv.version} is a canary: {percent}% of callers get it, the rest stay "
+                     f"on v{prod.version} (prod); it is promoted after "
+                     f"{cfg.window_seconds:g} s with at least {cfg.min_requests} requests and "
+                     f"no regression, rolled back on an SLO breach; `evertune promote "
+                     f"v{mv.version}` finishes it now, `evertune rollback` ends it")))
 
 
 # -- system tests ----------------------------------------------------------------------------

@@ -80,6 +80,10 @@ if TYPE_CHECKING:
 STAGE_ALIASES = ("qa", "prod")
 """Aliases that mirror a lifecycle stage; `transition` owns them, `set_alias` refuses them."""
 
+CANARY_ALIAS = "canary"  # the version on trial (deploy.start_canary); still in stage qa
+CANARY_PERCENT_TAG = "canary.percent"  # registered-model tags: the share of callers it gets,
+CANARY_STARTED_TAG = "canary.started_at"  # since when (unix s: the comparison's window start)
+CANARY_ACTOR_TAG = "canary.actor"  # and who started it
 ADAPTER_ARTIFACT = "adapter"  # run artifact folder holding the job's result (the version source)
 CACHE_DIR = "registry-cache"  # under ws.state_dir: downloaded sources of remote artifact stores
 _LOGGED_TAG = "evertune.logged"  # run tag set once every param/metric/artifact is logged
@@ -144,6 +148,19 @@ class ModelVersion:
             "aliases": list(self.aliases),
             "facts": dict(self.facts),
         }
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    """A running canary: version `version` gets `percent`% of callers since `started_at`."""
+
+    version: int
+    percent: int
+    started_at: float
+    actor: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -585,7 +602,13 @@ class Registry:
                 )
             if old:
                 data["replaced"] = old
-        else:
+        if target is not Stage.QA and CANARY_ALIAS in mv.aliases and self.canary() is not None:
+            # A canary is a QA version on trial: leaving QA (promoted, rejected, sent back to
+            # approved) ends the trial whichever path moved it, so serving never routes a
+            # share of traffic to a version no longer in QA.
+            self._drop_canary()
+            data["canary_ended"] = True
+        if target not in (Stage.QA, Stage.PROD):
             for alias in mv.aliases:
                 drop = alias in STAGE_ALIASES and target is Stage.REJECTED
                 drop = drop or (alias == "prod" and target is Stage.RETIRED)
@@ -632,6 +655,76 @@ class Registry:
             reason,
             {"alias": alias, "deleted": True},
         )
+
+    # -- the canary ------------------------------------------------------------------------
+    def canary(self) -> CanaryState | None:
+        """The running canary (alias `canary` plus its percent tags), or None.
+
+        One MLflow call (the registered model carries both), so the gateway's follower can
+        read it every `serve.follow_seconds`. An alias `canary` set by hand (`set_alias`)
+        without the rollout's tags is not a canary rollout and is ignored."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(self.name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # nothing registered yet
+                return None
+            raise RegistryError(f"MLflow could not read the canary: {exc.message}") from exc
+        version = (model.aliases or {}).get(CANARY_ALIAS)
+        tags = dict(model.tags or {})
+        percent = tags.get(CANARY_PERCENT_TAG, "")
+        if version is None or not percent.isdigit():
+            return None
+        try:
+            started = float(tags.get(CANARY_STARTED_TAG) or 0.0)
+        except ValueError:
+            started = 0.0
+        return CanaryState(version=int(version), percent=int(percent), started_at=started,
+                           actor=tags.get(CANARY_ACTOR_TAG, ""))
+
+    def start_canary(self, v: int | str, percent: int, actor: str, reason: str) -> CanaryState:
+        """Point alias `canary` at version `v` and record its percent and start time (tags on
+        the registered model), audited as `canary_start`. deploy.start_canary checks first."""
+        mv = self.get_version(v)
+        started = time.time()
+        with _mlflow_errors(f"start the canary of version {mv.version}", self.ws):
+            # Tags first, alias last: a reader that sees the alias also sees its percent.
+            self.client.set_registered_model_tag(self.name, CANARY_PERCENT_TAG, str(percent))
+            self.client.set_registered_model_tag(self.name, CANARY_STARTED_TAG, repr(started))
+            self.client.set_registered_model_tag(self.name, CANARY_ACTOR_TAG, actor)
+            self.client.set_registered_model_alias(self.name, CANARY_ALIAS, str(mv.version))
+        self._audit(mv.version, "canary_start", mv.stage, mv.stage, actor, reason,
+                    {"percent": percent, "started_at": started})
+        return CanaryState(version=mv.version, percent=percent, started_at=started, actor=actor)
+
+    def end_canary(
+        self, actor: str, reason: str, action: str = "canary_end",
+        data: dict[str, Any] | None = None, state: CanaryState | None = None,
+    ) -> CanaryState | None:
+        """Remove alias `canary` and its tags (no-op without one); audited as `action`.
+
+        `state`: the canary as read before a transition that already dropped it (a version
+        leaving QA), so the row still names its version and percent."""
+        state = state or self.canary()
+        with _mlflow_errors("end the canary", self.ws):
+            self._drop_canary()
+        if state is not None:
+            mv = self.get_version(state.version)
+            self._audit(mv.version, action, mv.stage, mv.stage, actor, reason,
+                        {"percent": state.percent, "started_at": state.started_at,
+                         **(data or {})})
+        return state
+
+    def _drop_canary(self) -> None:
+        # Alias first: serving stops routing to it before its percent disappears.
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):  # already gone
+            self.client.delete_registered_model_alias(self.name, CANARY_ALIAS)
+        for tag in (CANARY_PERCENT_TAG, CANARY_STARTED_TAG, CANARY_ACTOR_TAG):
+            with contextlib.suppress(MlflowException):
+                self.client.delete_registered_model_tag(self.name, tag)
 
     # -- helpers -----------------------------------------------------------------------
     def _set_stage(self, version: int, stage: Stage) -> None:

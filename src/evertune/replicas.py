@@ -4,11 +4,12 @@
 
 Every replica serves the control API and the console (and the models, without
 --no-serving) and executes pipeline runs from the shared DBOS queue. One replica, the leader,
-also runs the bucket watcher and the drift monitor: once per workspace, since two watchers
-would both see a drop (DBOS's workflow ids would still start its run once, but events and
-drift rounds would double). The leader is whoever holds the workspace lock
-(`evertune.locks.WorkspaceLock`); the others try to take it every `CHECK_S`, so a dead leader is
-replaced: at once by a replica on its host, after the lease (`LEASE_S`) from another host.
+also runs the bucket watcher, the drift monitor and the canary monitor: once per workspace,
+since two watchers would both see a drop (DBOS's workflow ids would still start its run once,
+but events and drift rounds would double; two canary monitors would both decide). The leader
+is whoever holds the workspace lock (`evertune.locks.WorkspaceLock`); the others try to take
+it every `CHECK_S`, so a dead leader is replaced: at once by a replica on its host, after the
+lease (`LEASE_S`) from another host.
 
 Each replica is a DBOS executor with its own id and holds a `replica:<id>` lock row that it
 heartbeats. A replica that finds another's row dead deletes it (a compare-and-swap: of several
@@ -105,7 +106,7 @@ class Replica:
             except WorkspaceLocked:
                 pass
             else:
-                log.info("replica %s leads: runs the bucket watcher and drift monitor",
+                log.info("replica %s leads: runs the bucket watcher, drift and canary monitors",
                          self.executor_id)
                 self.on_leader()
         for holder in self.dead_peers():

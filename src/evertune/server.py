@@ -8,8 +8,8 @@
 fine-tuning API under `/v1/files` and `/v1/fine_tuning`), the OpenAI-compatible serving
 endpoints (`/v1/models`, `/v1/chat/completions`, `/v1/completions`, `/v1/feedback`),
 Prometheus metrics (`/metrics`), and in its lifespan the DBOS runtime (which resumes
-interrupted pipeline runs), the bucket watcher and the drift monitor. Nothing durable lives
-in this process: killing it loses nothing (see pipeline.py).
+interrupted pipeline runs), the bucket watcher, the drift monitor and the canary monitor.
+Nothing durable lives in this process: killing it loses nothing (see pipeline.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def create_app(
     gateway = Gateway(ws, stages=stages) if serving else None
     watcher: Any = None
     drift: Any = None
+    canary: Any = None
     replica: Any = None
 
     @asynccontextmanager
@@ -76,6 +77,8 @@ def create_app(
         finally:
             if replica is not None:
                 replica.stop()
+            if canary is not None:
+                canary.stop()
             if drift is not None:
                 drift.stop()
             if watcher is not None:
@@ -88,8 +91,10 @@ def create_app(
                 pipeline.shutdown()
 
     def lead() -> None:
-        """Start what runs once per workspace: the bucket watcher and the drift monitor."""
-        nonlocal watcher, drift
+        """Start what runs once per workspace: the bucket watcher, the drift monitor and the
+        canary monitor (which promotes or rolls back canaries: one decider)."""
+        nonlocal watcher, drift, canary
+        from evertune.canary import CanaryMonitor
         from evertune.monitoring.drift import DriftMonitor
         from evertune.trigger import Watcher
 
@@ -97,6 +102,8 @@ def create_app(
         watcher.start()
         drift = DriftMonitor(ws)  # writes audit events, starts rounds
         drift.start()  # no-op with monitor.drift.enabled: false
+        canary = CanaryMonitor(ws)
+        canary.start()
 
     app = FastAPI(title="Evertune", version=_version(), lifespan=lifespan)
     app.state.ready = False
@@ -144,8 +151,9 @@ def create_app(
 
 
 def preflight(ws: Workspace) -> None:
-    """What the control plane needs from outside, checked at start: each failure is an error
-    naming the setting and the fix, before anything starts (not a traceback minutes later)."""
+    """What the control plane needs from outside, checked at start (the MLflow server, the
+    bucket, the Ray cluster of `train.backend: ray`): each failure is an error naming the
+    setting and the fix, before anything starts (not a traceback minutes later)."""
     from evertune.bucket import Bucket
     from evertune.errors import StorageError
     from evertune.registry import check_tracking_server
@@ -166,6 +174,10 @@ def preflight(ws: Workspace) -> None:
             problem = f"cannot list {bucket.url} (storage.bucket): {detail}; {hint}"
     if problem:
         raise StorageError(problem)
+    if ws.config.train.backend == "ray":  # rounds would train there: its head must answer
+        from evertune.training.backends import check_reachable
+
+        check_reachable(ws.config.train.ray)
 
 
 def run(

@@ -95,3 +95,11 @@ def test_up_refuses_a_postgres_url_that_does_not_answer(tmp_path: Path) -> None:
     out = _up_refused(tmp_path, f"storage.state_db={wrong}")
     assert "cannot connect to the state DB" in out and "(storage.state_db)" in out
     assert ":pw@" not in out
+
+
+def test_up_refuses_a_ray_address_that_does_not_answer(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="needs Ray: pip install -e '.[dev]' (or '.[ray]')")
+    wrong = f"127.0.0.1:{free_port()}"
+    out = _up_refused(tmp_path, "train.backend=ray", f"train.ray.address={wrong}")
+    assert f"train.ray.address='{wrong}' does not answer" in out
+    assert "ray start --head" in out

@@ -58,6 +58,13 @@ class ApproveRequest(Comment):
     force: bool = False
 
 
+class PromoteRequest(Comment):
+    """Body of promote: why, and `canary` (1–99) to give the version that percent of the
+    callers first instead of all of them (evertune.canary decides the rest)."""
+
+    canary: int | None = None
+
+
 class RollbackRequest(Comment):
     """Body of rollback: why, and optionally which retired version to return to."""
 
@@ -330,10 +337,12 @@ def control_router(ws: Workspace, start_run: StartRun | None = None) -> APIRoute
     @router.post("/models/{version}/promote", response_model=deploy.DeployResult)
     def promote(
         version: str,
-        body: Comment | None = None,
+        body: PromoteRequest | None = None,
         me: Principal = Depends(needs("promote")),  # noqa: B008
     ) -> deploy.DeployResult:
-        return deploy.promote(ws, version_ref(version), me, body.comment if body else "")
+        """Promote to PROD, or with `{"canary": 10}` start a canary at 10%."""
+        return deploy.promote(ws, version_ref(version), me, body.comment if body else "",
+                              canary=body.canary if body else None)
 
     # -- deployments and audit -----------------------------------------------------------
     @router.get("/deployments", response_model=DeploymentsOut)

@@ -31,6 +31,14 @@ refused with 409 `model_incompatible` naming the version, the mismatch and the f
 is loaded, and other versions and in-flight requests go on (`TransformersEngine.check_adapter`).
 `evertune_loaded_adapters` on /metrics counts the versions served as adapters.
 
+A canary (`evertune promote N --canary PCT`, the registry's `canary` alias and percent) is
+followed the same way: loaded before any request goes to it, then PCT% of the callers of the
+bare `NAME` (by a stable hash of `x-evertune-user`, else the serving key's name, else the
+client address: sticky per caller, `canary_bucket`) get it, logged and labelled with stage
+`canary` for `evertune.canary` to compare; `NAME@prod` and `NAME@vN` are never split. When
+the canary ends, routing to it stops at once and it is unloaded like any version no stage
+points at.
+
 Every answer names the version that produced it: the `model` field (`NAME@v3`, or
 `NAME@base` while no version is in prod) and the `x-evertune-version` header. Metrics go to
 `evertune.monitoring` (labels: version, stage); a sample of requests goes to the request log,
@@ -44,6 +52,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -104,6 +113,16 @@ MERGED_KEY = "{label}:merged"  # engine key of a version's merged copy in `prod`
 RECENT_RESPONSES = 5000  # responses remembered (redacted) so feedback can find their prompt
 PARSE_INLINE_BYTES = 256 * 1024  # larger bodies are parsed in a worker thread
 NAMES_TTL_S = 5.0  # how long the list of registered versions is cached for /v1/models and 404s
+CANARY = "canary"  # the stage label (metrics, request log, x-evertune-stage) of canary answers
+USER_HEADER = "x-evertune-user"  # who the caller is, for the canary split (sticky per user)
+
+
+def canary_bucket(version: int, caller: str) -> int:
+    """Where `caller` falls for the canary of `version`: 0–9999; the caller gets the canary
+    when this is below percent × 100. sha256, not hash(): every replica and restart agrees,
+    so a user stays on one side; salted by the version so each canary tries other users."""
+    digest = hashlib.sha256(f"{version}\0{caller}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000
 
 
 @dataclass
@@ -141,6 +160,10 @@ class _Call:
     submit_at: float = 0.0  # perf_counter when the engine got the request
     created: int = field(default_factory=oai.now)
     receiver: str = ANONYMOUS  # the serving key that asked: feedback on it is trusted from it
+    stage: str = ""  # metric/log label: the target's, or "canary" when the split sent it there
+
+    def __post_init__(self) -> None:
+        self.stage = self.stage or self.target.stage
 
     @property
     def answered_as(self) -> str:
@@ -150,7 +173,7 @@ class _Call:
     def headers(self) -> dict[str, str]:
         return {
             "x-evertune-version": self.handle.label,
-            "x-evertune-stage": self.target.stage,
+            "x-evertune-stage": self.stage,
             "x-request-id": self.id,
         }
 
@@ -274,6 +297,10 @@ class Gateway:
         )
         self._handles: dict[str, _Handle] = {}
         self._pointers: dict[str, _Handle | None] = dict.fromkeys(self.stages)
+        # The canary (deploy.start_canary), followed like the stages when prod is served:
+        # its handle and the share of callers of NAME it gets.
+        self._canary: _Handle | None = None
+        self._canary_percent = 0
         self._failed: dict[str, int] = {}  # stage → version whose load failed (not retried)
         self._recent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._names: tuple[float, list[int]] = (float("-inf"), [])
@@ -369,6 +396,13 @@ class Gateway:
         with self._lock:
             return {s: (h.label if h else None) for s, h in self._pointers.items()}
 
+    def canary(self) -> tuple[str, int] | None:
+        """The canary this gateway routes to now and its percent: ("v4", 10), or None."""
+        with self._lock:
+            if self._canary is None:
+                return None
+            return self._canary.label, self._canary_percent
+
     # -- following the aliases ---------------------------------------------------------------
     def _follow(self) -> None:
         while not self._stop.wait(self.cfg.follow_seconds):
@@ -405,7 +439,50 @@ class Gateway:
                 )
                 continue
             moves[stage] = version_label(version) if version is not None else None
+        if "prod" in self.stages:  # the canary splits the callers of NAME, i.e. of prod
+            self._sync_canary(moves, raise_errors)
         return moves
+
+    def _sync_canary(self, moves: dict[str, str | None], raise_errors: bool) -> None:
+        """Follow the canary alias and percent: load a new canary before routing to it, stop
+        routing to one that ended (unloaded like any version no stage points at)."""
+        state = self.registry.canary()
+        version = state.version if state is not None else None
+        percent = state.percent if state is not None else 0
+        with self._lock:
+            current = self._canary
+            if (current.version if current else None) == version:
+                self._canary_percent = percent  # the share may change without the version
+                self._failed.pop(CANARY, None)
+                return
+        if version is not None and self._failed.get(CANARY) == version:
+            return  # already failed to load; PROD keeps every caller meanwhile
+        handle = None
+        if version is not None:
+            try:
+                handle = self._ensure_loaded(version)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                self._failed[CANARY] = version
+                log.error("could not load canary v%s; all callers stay on prod: %s", version, exc)
+                return
+        with self._lock:
+            old = self._canary
+            self._canary, self._canary_percent = handle, percent
+            if handle is not None:
+                handle.stages.add(CANARY)
+            if old is not None:
+                old.stages.discard(CANARY)
+                old.last_used = time.monotonic()
+        log.info(
+            "canary: %s → %s (%s%%)",
+            old.label if old else "none",
+            handle.label if handle else "none",
+            percent,
+        )
+        moves[CANARY] = handle.label if handle is not None else None
+        self._evict_idle()
 
     def _swap(self, stage: str, version: int | None) -> None:
         """Load `version` beside what serves `stage`, then flip the stage pointer to it."""
@@ -448,6 +525,8 @@ class Gateway:
                     for stage, pointed in self._pointers.items():
                         if pointed is old:
                             self._pointers[stage] = fresh
+                    if self._canary is old:
+                        self._canary = fresh
                     old.stages.clear()
                     old.retired = True
                     drop = old.refs == 0
@@ -602,8 +681,12 @@ class Gateway:
             code="model_not_found",
         )
 
-    async def _acquire(self, raw: str) -> tuple[_Handle, Target]:
-        """Resolve a model name to a loaded handle and hold it (release with `_release`)."""
+    async def _acquire(self, raw: str, caller: str | None = None) -> tuple[_Handle, Target, str]:
+        """Resolve a model name to a loaded handle and hold it (release with `_release`);
+        also the stage label: the target's, or `canary` when the split sent `caller` there.
+
+        Only the bare `NAME` is split: `NAME@prod` stays a way to ask PROD itself, and
+        `NAME@vN` a way to ask one version."""
         target = parse_model_name(raw, self.name)
         if target is None:
             raise await asyncio.to_thread(self._not_found, raw, "")
@@ -614,7 +697,16 @@ class Gateway:
         for _ in range(3):  # an on-demand version evicted between loading and holding: retry
             with self._lock:
                 handle: _Handle | None
-                if target.kind in STAGES:
+                stage = target.stage
+                if (
+                    raw == self.name
+                    and caller is not None
+                    and self._canary is not None
+                    and canary_bucket(self._canary.version or 0, caller)
+                    < self._canary_percent * 100
+                ):
+                    handle, stage = self._canary, CANARY
+                elif target.kind in STAGES:
                     handle = self._pointers[target.kind]
                     if handle is None and target.kind == "prod":
                         handle = self._handles[BASE_KEY]  # nothing promoted yet: the base model
@@ -625,7 +717,7 @@ class Gateway:
                 if handle is not None:
                     handle.refs += 1
                     handle.last_used = time.monotonic()
-                    return handle, target
+                    return handle, target, stage
             assert target.version is not None
             await self._load_on_demand(raw, target.version)
         raise await asyncio.to_thread(self._not_found, raw, f": no version is in {target.kind}")
@@ -772,6 +864,7 @@ class Gateway:
         t0 = time.perf_counter()
         handle: _Handle | None = None
         target: Target | None = None
+        stage = ""
         try:
             self._check_ready()
             receiver = self.keys.check(request.headers.get("authorization"))
@@ -782,7 +875,7 @@ class Gateway:
             else:
                 params = self._parse(raw, endpoint)
             del raw
-            handle, target = await self._acquire(params.model)
+            handle, target, stage = await self._acquire(params.model, _caller(request, receiver))
             if isinstance(params, oai.ChatParams):
                 # In a thread too: Jinja over a long message takes a while.
                 rendered = await self._off_loop(self._render_chat, params.messages, handle)
@@ -812,7 +905,7 @@ class Gateway:
                 err = OpenAIError(500, f"internal error: {exc}", code="internal_error")
             if handle is not None:
                 self._release(handle)
-            self._count_error(endpoint, handle, target, err)
+            self._count_error(endpoint, handle, target, err, stage)
             return _error(err)
         call = _Call(
             id=oai.new_id("chatcmpl" if endpoint == "chat" else "cmpl"),
@@ -825,8 +918,9 @@ class Gateway:
             sampled=self.request_log.sampled(),
             t0=t0,
             receiver=receiver,
+            stage=stage,
         )
-        self.metrics.in_flight.labels(version=handle.label, stage=target.stage).inc()
+        self.metrics.in_flight.labels(version=handle.label, stage=call.stage).inc()
         if params.stream:
             return StreamingResponse(
                 self._stream(call, gens),
@@ -984,10 +1078,15 @@ class Gateway:
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _count_error(
-        self, endpoint: str, handle: _Handle | None, target: Target | None, err: OpenAIError
+        self,
+        endpoint: str,
+        handle: _Handle | None,
+        target: Target | None,
+        err: OpenAIError,
+        stage: str = "",
     ) -> None:
         version = handle.label if handle else ""
-        stage = target.stage if target else ""
+        stage = stage or (target.stage if target else "")
         m = self.metrics
         m.requests.labels(endpoint=endpoint, version=version, stage=stage, status="error").inc()
         m.errors.labels(endpoint=endpoint, version=version, stage=stage, code=err.label).inc()
@@ -997,13 +1096,13 @@ class Gateway:
     ) -> None:
         """Once per call: release the model, record metrics, remember and log the request."""
         self._release(call.handle)
-        m, version, stage = self.metrics, call.handle.label, call.target.stage
+        m, version, stage = self.metrics, call.handle.label, call.stage
         m.in_flight.labels(version=version, stage=stage).dec()
         duration = time.perf_counter() - call.t0
         m.duration.labels(endpoint=call.endpoint, version=version, stage=stage).observe(duration)
         if error is not None or finals is None:
             err = error or OpenAIError(500, "generation did not finish", code="incomplete")
-            self._count_error(call.endpoint, call.handle, call.target, err)
+            self._count_error(call.endpoint, call.handle, call.target, err, call.stage)
             self._log(call, None, err, duration)
             return
         m.requests.labels(endpoint=call.endpoint, version=version, stage=stage, status="ok").inc()
@@ -1052,7 +1151,7 @@ class Gateway:
         ttfts = [f.ttft_s for f in finals if f.ttft_s is not None]
         self.request_log.record({
             "id": call.id, "created_at": call.arrival, "model": call.model,
-            "version": call.handle.label, "stage": call.target.stage, "endpoint": call.endpoint,
+            "version": call.handle.label, "stage": call.stage, "endpoint": call.endpoint,
             "status": "ok" if error is None else "error", "prompt": call.prompt,
             "completion": (texts if len(texts) > 1 else texts[0]) if texts else None,
             "finish_reason": finals[0].finish_reason if finals else None,
@@ -1225,6 +1324,17 @@ async def _lookup(fn: Callable[[Workspace, str], _T], ws: Workspace, response_id
             f"could not look up response {response_id!r} in the state DB ({exc}); retry shortly",
             code="state_db_unavailable",
         ) from exc
+
+
+def _caller(request: Request, receiver: str) -> str:
+    """Who asks, for the canary split: the `x-evertune-user` header, else the serving key's
+    name, else the client's address (open serving without the header)."""
+    user = (request.headers.get(USER_HEADER) or "").strip()
+    if user:
+        return f"user:{user}"
+    if receiver != ANONYMOUS:
+        return f"key:{receiver}"
+    return f"addr:{request.client.host if request.client else 'unknown'}"
 
 
 def _require_json(content_type: str | None) -> None:

@@ -95,16 +95,11 @@ def check_cluster(r: RayArgs) -> None:
     """Raise JobError, naming the setting and the fix, when a Ray run of `r` cannot start:
     Ray not installed, an address that does not answer, fewer CPUs (or GPUs) than the
     workers need (unless an autoscaler runs there: it adds nodes when the workers ask)."""
-    if not _ray_installed():
-        raise JobError(
-            "train.backend=ray needs Ray; install it with `pip install 'evertune[ray]'` or set "
-            "--set train.backend=local"
-        )
+    check_reachable(r)
     address = cluster_address(r)
     if address:
         # Name the setting the address came from: the config, or Ray's own variable.
         setting = "train.ray.address" if r.address else "RAY_ADDRESS (train.ray.address is empty)"
-        _check_answers(address, setting)
         where = f"the Ray cluster at {setting}={address!r}"
         have = _probe(address, setting)
         if have.get("autoscaler"):
@@ -126,6 +121,20 @@ def check_cluster(r: RayArgs) -> None:
             f"{have.get('GPU', 0.0):g}; lower train.ray.num_workers, set "
             "train.ray.use_gpu=false, or add GPU nodes"
         )
+
+
+def check_reachable(r: RayArgs) -> None:
+    """The fast part of `check_cluster`, for `evertune up` at start: Ray is installed and the
+    cluster's address answers (no probe of its CPUs: that starts a Ray driver child)."""
+    if not _ray_installed():
+        raise JobError(
+            "train.backend=ray needs Ray; install it with `pip install 'evertune[ray]'` or set "
+            "--set train.backend=local"
+        )
+    address = cluster_address(r)
+    if address:
+        setting = "train.ray.address" if r.address else "RAY_ADDRESS (train.ray.address is empty)"
+        _check_answers(address, setting)
 
 
 def cluster_address(r: RayArgs) -> str:
