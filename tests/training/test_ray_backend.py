@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from evertune.training import (
 from evertune.training.harness import Ranks, Recipe, StepLoss, forward_backward
 from evertune.training.jobs import job_dir, newest_checkpoint, process_alive
 from evertune.workspace import Workspace
+from tests.postgres import free_port
 from tests.ray_cluster import ray_head
 
 pytest.importorskip("ray", reason="needs Ray: pip install -e '.[dev]' (or '.[ray]')")
@@ -50,12 +50,6 @@ pytestmark = pytest.mark.slow  # a Ray cluster and real training processes
 DELAY = "EVERTUNE_TEST_STEP_DELAY_S"
 # Dropout off: with it on, each rank draws its own masks and the runs differ by that noise.
 SAME = ["train.lora.dropout=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate, what: str, timeout: float = 90.0):
